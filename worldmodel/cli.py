@@ -1,0 +1,219 @@
+"""The ``worldmodel`` command line: thin parsing around each stage's ``run`` function.
+
+Stage modules are imported only when their command runs, so ``--help`` stays fast. User mistakes
+(:class:`~worldmodel.errors.UserError`, Gymnasium's env errors) print one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from worldmodel.errors import UserError
+
+log = logging.getLogger("worldmodel")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _stage(module: str, issue: int) -> ModuleType:
+    """Import a stage module, or say in one line that its issue has not landed yet."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise UserError(f"this command is not implemented yet (issue #{issue}: {module})") from e
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from worldmodel.config import resolve_config
+
+    return resolve_config(args.config, args.set or [])
+
+
+def _out(args: argparse.Namespace, cfg: Any, stage: str) -> Path:
+    from worldmodel.utils import default_run_dir
+
+    return Path(args.out) if args.out else default_run_dir(cfg, stage)
+
+
+def _done(path: Path, what: str) -> int:
+    log.info("%s: %s", what, path)
+    print(path)
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    out = _stage("worldmodel.collect", 4).run(cfg, _out(args, cfg, "collect"))
+    return _done(out, "dataset")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    dataset = _stage("worldmodel.dataset", 4)
+    if args.data_command == "info":
+        return int(dataset.print_info(Path(args.data)))
+    return int(dataset.print_verify(Path(args.data)))
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    out = _stage("worldmodel.train_vae", 5).run(
+        cfg, Path(args.data), _out(args, cfg, "vae"), resume=args.resume
+    )
+    return _done(out, "VAE run")
+
+
+def cmd_train_agent(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    vae = Path(args.vae) if args.vae else None
+    out = _stage("agents.train", 6).run(
+        cfg, _out(args, cfg, f"agent-{cfg.agent.obs_mode}"), vae=vae, resume=args.resume
+    )
+    return _done(out, "agent run")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    out = _stage("agents.evaluate", 6).run(
+        Path(args.run),
+        episodes=args.episodes,
+        video=args.video,
+        deterministic=args.deterministic,
+        seed=args.seed,
+    )
+    return _done(out, "evaluation")
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    vae_run = Path(args.vae_run)
+    out = Path(args.out) if args.out else vae_run / "visualize"
+    result = _stage("worldmodel.visualize", 8).run(vae_run, Path(args.data), out)
+    return _done(result, "visualizations")
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    data = Path(args.data) if args.data else None
+    _stage("worldmodel.explore", 8).serve(Path(args.vae_run), data, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    out = Path(args.out) if args.out else Path("runs") / "compare"
+    result = _stage("agents.compare", 7).run([Path(r) for r in args.runs], out, cfg.compare)
+    return _done(result / "report.md", "report")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    out = _stage("worldmodel.pipeline", 7).run(cfg, _out(args, cfg, "pipeline"))
+    return _done(out, "pipeline report")
+
+
+def _add_config_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (default: built-in).")
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        metavar="KEY=VALUE",
+        help="Override a config key, e.g. --set vae.latent_dim=64 (repeatable).",
+    )
+    p.add_argument("--out", "-o", metavar="DIR", help=out_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subcommand per stage."""
+    parser = argparse.ArgumentParser(
+        prog="worldmodel",
+        description="Train RL agents on VAE-compressed observations of Gymnasium games.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="Warnings only, no bars.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("collect", help="Collect rollouts into a dataset.")
+    _add_config_args(p, "Dataset folder (re-run the same command to resume).")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train-vae", help="Train a ConvVAE on a dataset.")
+    _add_config_args(p, "Run folder.")
+    p.add_argument("--data", "-d", required=True, metavar="DATA", help="Dataset folder.")
+    p.add_argument("--resume", action="store_true", help="Continue from RUN/last.pt.")
+    p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("train-agent", help="Train an SB3 agent on pixels or latents.")
+    _add_config_args(p, "Run folder.")
+    p.add_argument("--vae", metavar="VAE_RUN", help="VAE run folder (latent modes).")
+    p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
+    p.set_defaults(func=cmd_train_agent)
+
+    p = sub.add_parser("evaluate", help="Evaluate an agent run; optional video.")
+    p.add_argument("run", metavar="RUN", help="Agent run folder.")
+    p.add_argument("--episodes", "-n", type=int, default=10)
+    p.add_argument("--video", action="store_true", help="Write an MP4 of the agent playing.")
+    p.add_argument("--deterministic", action="store_true", help="Greedy actions.")
+    p.add_argument("--seed", type=int, default=None, help="Eval seed (default: run seed + 1000).")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("visualize", help="Pictures of what a VAE keeps and loses.")
+    p.add_argument("vae_run", metavar="VAE_RUN")
+    p.add_argument("--data", "-d", required=True, metavar="DATA", help="Dataset folder.")
+    p.add_argument("--out", "-o", metavar="DIR", help="Output folder (default VAE_RUN/visualize).")
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("explore", help="Interactive latent-space explorer in the browser.")
+    p.add_argument("vae_run", metavar="VAE_RUN")
+    p.add_argument("--data", "-d", metavar="DATA", help="Dataset to browse.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", "-p", type=int, default=8765)
+    p.set_defaults(func=cmd_explore)
+
+    p = sub.add_parser("compare", help="Compare agent runs with confidence intervals.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="Agent run folders.")
+    _add_config_args(p, "Report folder.")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("pipeline", help="collect -> train-vae -> train-agent -> compare.")
+    _add_config_args(p, "Pipeline folder (re-run to resume; unchanged stages are skipped).")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("data", help="Inspect or verify a dataset.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    for name, text in (("info", "Episodes, frames, size, returns."), ("verify", "Check all.")):
+        q = data_sub.add_parser(name, help=text)
+        q.add_argument("data", metavar="DATA")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``worldmodel`` console script and ``python -m worldmodel``."""
+    from gymnasium.error import Error as GymError
+
+    from worldmodel.utils import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        print(f"worldmodel {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except GymError as e:
+        print(f"worldmodel {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"worldmodel {args.command}: interrupted; re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

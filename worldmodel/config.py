@@ -1,0 +1,302 @@
+"""The validated run config: one pydantic model with a section per stage.
+
+Configs are YAML files (``configs/*.yaml``) that may ``extends:`` another file, plus dotted
+``--set key=value`` overrides whose values are parsed as YAML scalars. Every stage writes the
+resolved config into its run folder as ``config.yaml``.
+
+Example:
+    >>> cfg = resolve_config(None, ["vae.latent_dim=16", "env.image_size=32"])
+    >>> cfg.vae.latent_dim, cfg.env.obs_shape
+    (16, (32, 32, 3))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from envs.config import EnvConfig, Section
+from worldmodel.errors import ConfigError
+from worldmodel.io import atomic_write_text
+
+ObsMode = Literal["pixel", "latent", "latent-finetune", "random-encoder"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class CollectConfig(Section):
+    """``worldmodel collect``: how rollouts are gathered into a dataset."""
+
+    episodes: int | None = Field(100, ge=1, description="Episodes to collect.")
+    frames: int | None = Field(
+        None, ge=1, description="Alternatively, collect whole episodes until this many frames."
+    )
+    workers: int = Field(2, ge=1, description="Parallel worker processes (or Ray tasks).")
+    policy: str = Field(
+        "random",
+        description="random | brownian (temporally correlated, World Models' CarRacing "
+        "policy) | agent:PATH (a trained agent run of this project).",
+    )
+    epsilon: float = Field(
+        0.0, ge=0.0, le=1.0, description="With agent:PATH, probability of a random action."
+    )
+    max_episode_steps: int | None = Field(None, ge=1, description="Cap on each episode's length.")
+    backend: Literal["process", "ray", "envpool"] = Field(
+        "process", description="process: local worker processes; ray: Ray tasks; envpool: "
+        "EnvPool's batched threads in one process."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (null: start a local Ray)."
+    )
+    chunk_frames: int = Field(256, ge=1, description="Frames per zarr chunk along time.")
+
+    @field_validator("policy")
+    @classmethod
+    def _check_policy(cls, value: str) -> str:
+        if value in ("random", "brownian") or (value.startswith("agent:") and len(value) > 6):
+            return value
+        raise ValueError("must be random, brownian or agent:PATH")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _frames_replace_episodes(cls, data: Any) -> Any:
+        """Setting only ``frames`` drops the default ``episodes``."""
+        if isinstance(data, dict) and data.get("frames") is not None and "episodes" not in data:
+            data = {**data, "episodes": None}
+        return data
+
+    @model_validator(mode="after")
+    def _episodes_or_frames(self) -> CollectConfig:
+        if (self.episodes is None) == (self.frames is None):
+            raise ValueError("set exactly one of collect.episodes and collect.frames")
+        return self
+
+
+class DataConfig(Section):
+    """How datasets are read for training."""
+
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Fraction of episodes held out for validation."
+    )
+    cache_bytes: int = Field(
+        512 * 2**20, ge=2**20, description="Memory budget for decompressed frames in the loader."
+    )
+    loader_workers: int = Field(1, ge=0, description="Processes that decompress chunks.")
+
+
+class VAEConfig(Section):
+    """The ConvVAE and ``worldmodel train-vae``. Input size and channels come from ``env``."""
+
+    latent_dim: int = Field(32, ge=1, description="Size of the latent vector z.")
+    widths: list[int] = Field(
+        default_factory=lambda: [32, 64, 128, 256],
+        min_length=1,
+        description="Encoder conv channels (stride 2 each); the decoder mirrors them.",
+    )
+    beta: float = Field(1.0, ge=0.0, description="Weight of the KL term.")
+    kl_tolerance: float = Field(
+        0.0, ge=0.0, description="Free bits: KL per latent dimension below this is not penalised."
+    )
+    recon_loss: Literal["mse", "bce"] = Field("mse", description="Reconstruction loss.")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate.")
+    batch_size: int = Field(64, ge=1)
+    steps: int | None = Field(2000, ge=1, description="Optimizer steps (or set epochs).")
+    epochs: int | None = Field(None, ge=1, description="Passes over the training frames.")
+    val_every: int = Field(250, ge=1, description="Validate every N steps.")
+    log_every: int = Field(25, ge=1, description="Log training scalars every N steps.")
+    image_every: int = Field(500, ge=1, description="Log an image grid every N steps.")
+    device: Device = "auto"
+
+
+class AgentConfig(Section):
+    """Stable-Baselines3 agents and ``worldmodel train-agent``."""
+
+    algo: Literal["PPO", "A2C", "SAC", "TD3", "DQN"] = "PPO"
+    obs_mode: ObsMode = Field(
+        "latent",
+        description="pixel: CnnPolicy on frames; latent: MlpPolicy on a frozen VAE's latents; "
+        "latent-finetune: the VAE encoder inside the policy, trained; random-encoder: an "
+        "untrained frozen encoder (control).",
+    )
+    timesteps: int = Field(100_000, ge=1, description="Env steps to train for.")
+    history: int = Field(
+        1, ge=1, description="Stack the last N frames (pixel) or latents (latent modes)."
+    )
+    latent: Literal["mean", "sample"] = Field("mean", description="Which latent to observe.")
+    policy: str | None = Field(
+        None, description="SB3 policy name; null picks CnnPolicy for pixel, else MlpPolicy."
+    )
+    hyperparams: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the SB3 algorithm."
+    )
+    normalize_reward: bool = Field(False, description="VecNormalize the rewards only.")
+    eval_every: int = Field(10_000, ge=1, description="Evaluate every N env steps.")
+    eval_episodes: int = Field(10, ge=1, description="Episodes per periodic evaluation.")
+    checkpoint_every: int = Field(25_000, ge=1, description="Save last.zip every N env steps.")
+    device: Device = "auto"
+
+
+class CompareConfig(Section):
+    """``worldmodel compare``: statistics over agent runs."""
+
+    random_episodes: int = Field(
+        30, ge=1, description="Episodes of the random-policy baseline."
+    )
+    bootstrap_reps: int = Field(2000, ge=100, description="Stratified bootstrap resamples.")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class PipelineConfig(Section):
+    """``worldmodel pipeline``: collect -> train-vae -> train-agent -> evaluate -> compare."""
+
+    obs_modes: list[ObsMode] = Field(
+        default_factory=lambda: ["pixel", "latent", "random-encoder"], min_length=1
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    parallel: int = Field(1, ge=1, description="Agent runs trained at once.")
+    backend: Literal["process", "ray"] = "process"
+    eval_episodes: int = Field(20, ge=1, description="Final evaluation episodes per agent.")
+    visualize: bool = Field(True, description="Run the visualize stage on the VAE.")
+
+
+class Config(Section):
+    """The whole run config. Each stage reads its own sections plus ``seed`` and ``env``."""
+
+    seed: int = Field(0, ge=0)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    def to_yaml(self) -> str:
+        """The config as YAML, every key spelled out."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`to_yaml` atomically to ``path``."""
+        atomic_write_text(path, self.to_yaml())
+
+    def digest(self, *sections: str) -> str:
+        """A short hash of the given sections (all when none): equal hashes, equal settings."""
+        data = self.model_dump(mode="json", include=set(sections) if sections else None)
+        text = json.dumps(data, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_dict(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, resolving ``extends: other.yaml`` (relative to the file) first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass an existing --config")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data)}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = load_yaml_dict(path.parent / str(parent), (*_seen, path.resolve()))
+    return _deep_merge(base, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` strings; values are parsed as YAML (``1e-3``, ``[1, 2]``)."""
+    out = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. vae.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML") from e
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _valid_keys(model: type[Section], loc: tuple[str | int, ...]) -> list[str]:
+    """The field names of the (sub)model that ``loc`` points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        for candidate in getattr(ann, "__args__", (ann,)):
+            if isinstance(candidate, type) and issubclass(candidate, Section):
+                current = candidate
+                break
+        else:
+            return []
+    return list(current.model_fields)
+
+
+def format_validation_error(err: ValidationError, model: type[Section] = Config) -> str:
+    """One line per problem: ``collect.bogus: unknown key; valid keys: episodes, ...``."""
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "config"
+        if item["type"] == "extra_forbidden":
+            keys = ", ".join(_valid_keys(model, loc))
+            lines.append(f"{key}: unknown key; valid keys: {keys}")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {msg[0].lower()}{msg[1:]}{shown}")
+    return "; ".join(lines)
+
+
+def validate_config(data: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from a plain dict, raising :class:`ConfigError` on bad input."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def resolve_config(path: Path | str | None, overrides: Iterable[str] = ()) -> Config:
+    """Load ``path`` (defaults when ``None``), apply ``--set`` overrides and validate."""
+    data = load_yaml_dict(Path(path)) if path is not None else {}
+    return validate_config(apply_overrides(data, overrides))
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config saved in a run folder (``RUN/config.yaml``)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no config.yaml: is it a run folder of this project?")
+    return validate_config(load_yaml_dict(path))
