@@ -52,7 +52,12 @@ def _done(path: Path, what: str) -> int:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    out = _stage("worldmodel.collect", 4).run(cfg, _out(args, cfg, "collect"))
+    make_policy = None
+    if cfg.collect.policy.startswith("agent:"):
+        make_policy = _stage("agents.policy", 6).make_policy
+    out = _stage("worldmodel.collect", 4).run(
+        cfg, _out(args, cfg, "collect"), make_policy=make_policy
+    )
     return _done(out, "dataset")
 
 
