@@ -116,6 +116,6 @@ class ReachEnv(gym.Env[np.ndarray, Any]):
         reward = -0.05 * distance + (1.0 if reached else 0.0)
         return self._draw(), reward, reached, False, {"state": self._state()}
 
-    def render(self) -> np.ndarray | None:  # type: ignore[override]
+    def render(self) -> np.ndarray | None:
         """The current frame when ``render_mode == "rgb_array"``."""
         return self._draw() if self.render_mode == "rgb_array" else None

@@ -32,10 +32,16 @@ def _stage(module: str, issue: int) -> ModuleType:
         raise UserError(f"this command is not implemented yet (issue #{issue}: {module})") from e
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace, *, builds_env: bool = False) -> Any:
+    """The resolved config; with ``builds_env``, also fail fast on an unknown env id."""
     from worldmodel.config import resolve_config
 
-    return resolve_config(args.config, args.set or [])
+    cfg = resolve_config(args.config, args.set or [])
+    if builds_env and cfg.env.backend == "gymnasium":
+        from envs import check_env_id
+
+        check_env_id(cfg.env.id)
+    return cfg
 
 
 def _out(args: argparse.Namespace, cfg: Any, stage: str) -> Path:
@@ -50,8 +56,8 @@ def _done(path: Path, what: str) -> int:
     return 0
 
 
-def cmd_collect(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def _cmd_collect(args: argparse.Namespace) -> int:
+    cfg = _config(args, builds_env=True)
     make_policy = None
     if cfg.collect.policy.startswith("agent:"):
         make_policy = _stage("agents.policy", 6).make_policy
@@ -61,14 +67,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return _done(out, "dataset")
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+def _cmd_data(args: argparse.Namespace) -> int:
     dataset = _stage("worldmodel.dataset", 4)
     if args.data_command == "info":
         return int(dataset.print_info(Path(args.data)))
     return int(dataset.print_verify(Path(args.data)))
 
 
-def cmd_train_vae(args: argparse.Namespace) -> int:
+def _cmd_train_vae(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = _stage("worldmodel.train_vae", 5).run(
         cfg, Path(args.data), _out(args, cfg, "vae"), resume=args.resume
@@ -76,8 +82,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     return _done(out, "VAE run")
 
 
-def cmd_train_agent(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def _cmd_train_agent(args: argparse.Namespace) -> int:
+    cfg = _config(args, builds_env=True)
     vae = Path(args.vae) if args.vae else None
     out = _stage("agents.train", 6).run(
         cfg, _out(args, cfg, f"agent-{cfg.agent.obs_mode}"), vae=vae, resume=args.resume
@@ -85,7 +91,7 @@ def cmd_train_agent(args: argparse.Namespace) -> int:
     return _done(out, "agent run")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _cmd_evaluate(args: argparse.Namespace) -> int:
     out = _stage("agents.evaluate", 6).run(
         Path(args.run),
         episodes=args.episodes,
@@ -96,28 +102,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _done(out, "evaluation")
 
 
-def cmd_visualize(args: argparse.Namespace) -> int:
+def _cmd_visualize(args: argparse.Namespace) -> int:
     vae_run = Path(args.vae_run)
     out = Path(args.out) if args.out else vae_run / "visualize"
     result = _stage("worldmodel.visualize", 8).run(vae_run, Path(args.data), out)
     return _done(result, "visualizations")
 
 
-def cmd_explore(args: argparse.Namespace) -> int:
+def _cmd_explore(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else None
     _stage("worldmodel.explore", 8).serve(Path(args.vae_run), data, host=args.host, port=args.port)
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def _cmd_compare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.out) if args.out else Path("runs") / "compare"
     result = _stage("agents.compare", 7).run([Path(r) for r in args.runs], out, cfg.compare)
     return _done(result / "report.md", "report")
 
 
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    cfg = _config(args, builds_env=True)
     out = _stage("worldmodel.pipeline", 7).run(cfg, _out(args, cfg, "pipeline"))
     return _done(out, "pipeline report")
 
@@ -146,19 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="Collect rollouts into a dataset.")
     _add_config_args(p, "Dataset folder (re-run the same command to resume).")
-    p.set_defaults(func=cmd_collect)
+    p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("train-vae", help="Train a ConvVAE on a dataset.")
     _add_config_args(p, "Run folder.")
     p.add_argument("--data", "-d", required=True, metavar="DATA", help="Dataset folder.")
     p.add_argument("--resume", action="store_true", help="Continue from RUN/last.pt.")
-    p.set_defaults(func=cmd_train_vae)
+    p.set_defaults(func=_cmd_train_vae)
 
     p = sub.add_parser("train-agent", help="Train an SB3 agent on pixels or latents.")
     _add_config_args(p, "Run folder.")
     p.add_argument("--vae", metavar="VAE_RUN", help="VAE run folder (latent modes).")
     p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
-    p.set_defaults(func=cmd_train_agent)
+    p.set_defaults(func=_cmd_train_agent)
 
     p = sub.add_parser("evaluate", help="Evaluate an agent run; optional video.")
     p.add_argument("run", metavar="RUN", help="Agent run folder.")
@@ -166,36 +172,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="store_true", help="Write an MP4 of the agent playing.")
     p.add_argument("--deterministic", action="store_true", help="Greedy actions.")
     p.add_argument("--seed", type=int, default=None, help="Eval seed (default: run seed + 1000).")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("visualize", help="Pictures of what a VAE keeps and loses.")
     p.add_argument("vae_run", metavar="VAE_RUN")
     p.add_argument("--data", "-d", required=True, metavar="DATA", help="Dataset folder.")
     p.add_argument("--out", "-o", metavar="DIR", help="Output folder (default VAE_RUN/visualize).")
-    p.set_defaults(func=cmd_visualize)
+    p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("explore", help="Interactive latent-space explorer in the browser.")
     p.add_argument("vae_run", metavar="VAE_RUN")
     p.add_argument("--data", "-d", metavar="DATA", help="Dataset to browse.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", "-p", type=int, default=8765)
-    p.set_defaults(func=cmd_explore)
+    p.set_defaults(func=_cmd_explore)
 
     p = sub.add_parser("compare", help="Compare agent runs with confidence intervals.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="Agent run folders.")
     _add_config_args(p, "Report folder.")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("pipeline", help="collect -> train-vae -> train-agent -> compare.")
     _add_config_args(p, "Pipeline folder (re-run to resume; unchanged stages are skipped).")
-    p.set_defaults(func=cmd_pipeline)
+    p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("data", help="Inspect or verify a dataset.")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     for name, text in (("info", "Episodes, frames, size, returns."), ("verify", "Check all.")):
         q = data_sub.add_parser(name, help=text)
         q.add_argument("data", metavar="DATA")
-    p.set_defaults(func=cmd_data)
+    p.set_defaults(func=_cmd_data)
     return parser
 
 

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -155,7 +156,8 @@ class PipelineConfig(Section):
     """``worldmodel pipeline``: collect -> train-vae -> train-agent -> evaluate -> compare."""
 
     obs_modes: list[ObsMode] = Field(
-        default_factory=lambda: ["pixel", "latent", "random-encoder"], min_length=1
+        default_factory=lambda: list[ObsMode](["pixel", "latent", "random-encoder"]),
+        min_length=1,
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     parallel: int = Field(1, ge=1, description="Agent runs trained at once.")
@@ -225,7 +227,7 @@ def load_yaml_dict(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` strings; values are parsed as YAML (``1e-3``, ``[1, 2]``)."""
-    out = _deep_merge({}, data)
+    out = copy.deepcopy(dict(data))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

@@ -25,7 +25,7 @@ def seed_everything(seed: int) -> None:
     import torch
 
     random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - seeds libraries that use the global generator
+    np.random.seed(seed)  # seeds libraries that use the global generator
     torch.manual_seed(seed)
 
 
