@@ -30,7 +30,7 @@ from gymnasium.wrappers import (
 )
 
 from envs.config import Crop, EnvConfig
-from envs.wrappers import CropObservation, FrameSkip
+from envs.wrappers import CropObservation, FrameSkip, ShrinkObservation
 
 if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
@@ -135,6 +135,8 @@ def make_env(
 def _make_atari(cfg: EnvConfig, kwargs: dict[str, Any]) -> gym.Env[np.ndarray, Any]:
     if cfg.crop is not None and not cfg.crop.is_empty():
         raise ValueError("env.crop is not supported for Atari games (AtariPreprocessing resizes)")
+    # AtariPreprocessing reads the screen itself: a grayscale base skips an RGB copy per frame.
+    kwargs.setdefault("obs_type", "grayscale" if cfg.grayscale else "rgb")
     base = gym.make(cfg.id, frameskip=1, **kwargs)
     return AtariPreprocessing(
         base,
@@ -163,7 +165,10 @@ def _make_generic(
     crop = cfg.crop if cfg.crop is not None else DEFAULT_CROP.get(family, Crop())
     if not crop.is_empty():
         env = CropObservation(env, crop)
-    if env.observation_space.shape[:2] != (cfg.image_size, cfg.image_size):  # type: ignore[index]
+    height, width = env.observation_space.shape[:2]  # type: ignore[index]
+    if (height, width) != (cfg.image_size, cfg.image_size):
+        if min(height, width) > 4 * cfg.image_size:  # big renders (CartPole: 400x600)
+            env = ShrinkObservation(env, 2 * cfg.image_size, 2 * cfg.image_size)
         env = ResizeObservation(env, (cfg.image_size, cfg.image_size))
     if cfg.grayscale:
         env = GrayscaleObservation(env, keep_dim=True)

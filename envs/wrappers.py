@@ -64,3 +64,32 @@ class FrameSkip(gym.Wrapper[Any, Any, Any, Any]):
             if terminated or truncated:
                 break
         return obs, total, terminated, truncated, info
+
+
+class ShrinkObservation(gym.ObservationWrapper[np.ndarray, Any, np.ndarray]):
+    """Quickly shrink large ``(H, W, C)`` frames to ``(height, width, C)`` with bilinear sampling.
+
+    OpenCV's area interpolation, which ``ResizeObservation`` uses, costs ~0.7 ms for CartPole's
+    400x600 render to 64x64; bilinear costs ~0.02 ms but drops thin lines at big factors. Shrinking
+    bilinearly to twice the target size first, then letting ``ResizeObservation`` average 2x2
+    blocks, keeps thin lines (CartPole's pole) at a fraction of the cost.
+
+    Example:
+        >>> from envs.reach import ReachEnv
+        >>> ShrinkObservation(ReachEnv(size=64), 16, 24).reset(seed=0)[0].shape
+        (16, 24, 3)
+    """
+
+    def __init__(self, env: gym.Env[np.ndarray, Any], height: int, width: int) -> None:
+        super().__init__(env)
+        space = env.observation_space
+        assert isinstance(space, spaces.Box) and space.shape is not None
+        self._size = (width, height)  # OpenCV order
+        self.observation_space = spaces.Box(0, 255, (height, width, *space.shape[2:]), np.uint8)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        """Shrink one frame: ``(H, W, C)`` -> ``(height, width, C)``."""
+        import cv2
+
+        out = cv2.resize(observation, self._size, interpolation=cv2.INTER_LINEAR)
+        return out.reshape(self.observation_space.shape)  # cv2 drops a trailing 1-channel axis
