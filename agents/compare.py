@@ -1,0 +1,472 @@
+"""``worldmodel compare``: pixel vs latent agents, aggregated over seeds with confidence intervals.
+
+Agent runs are grouped by observation mode (and any other config key that differs between them,
+the seed aside). Each run contributes one score, the mean return of its final evaluation; groups
+are summarised with rliable (Agarwal et al., 2021): IQM, mean and median with stratified-bootstrap
+confidence intervals, and the probability of improvement between groups. A random-policy baseline,
+evaluated on the same env and episode seeds, is always included: its "runs" are its episodes.
+
+Outputs in the report folder: ``report.md`` (tables and plots), ``report.json`` (every number),
+``return_vs_steps.png``, ``return_vs_seconds.png``, ``final_scores.png``, ``steps_per_second.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldmodel.config import CompareConfig, Config, load_run_config
+from worldmodel.errors import UserError
+from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random policy"
+METRICS = ("IQM", "mean", "median")
+#: Config keys that never define a group (they differ between seeds or do not affect training).
+IGNORED_KEYS = ("seed", "pipeline.", "compare.", "data.", "collect.", "agent.device", "vae.device")
+
+
+@dataclass
+class AgentRun:
+    """What compare needs from one agent run folder.
+
+    :param final_returns: ``(E,)`` float returns of the final evaluation's episodes.
+    :param steps: ``(K,)`` env steps at each periodic evaluation.
+    :param seconds: ``(K,)`` wall-clock seconds of training at each periodic evaluation.
+    :param curve: ``(K,)`` mean return of each periodic evaluation.
+    """
+
+    path: Path
+    config: Config
+    final_returns: np.ndarray
+    steps: np.ndarray
+    seconds: np.ndarray
+    curve: np.ndarray
+    steps_per_second: float
+    eval_seed: int | None
+    vae: dict[str, Any] | None = None
+    group: str = ""
+
+    @property
+    def score(self) -> float:
+        """The run's score: the mean return of its final evaluation."""
+        return float(np.mean(self.final_returns))
+
+
+@dataclass
+class Group:
+    """Runs that share every setting but the seed. ``scores`` is ``(runs, 1)`` for rliable."""
+
+    name: str
+    runs: list[AgentRun] = field(default_factory=list)
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))
+
+
+def load_agent_run(path: Path) -> AgentRun:
+    """Read an agent run folder: ``config.yaml``, ``evaluations.jsonl``, ``eval.json``.
+
+    The final score comes from ``eval.json`` (written by ``worldmodel evaluate``); without it, from
+    the last periodic evaluation in ``evaluations.jsonl``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"agent run {str(path)!r} not found")
+    config = load_run_config(path)
+    records = read_jsonl(path / "evaluations.jsonl")
+    if not records:
+        raise UserError(
+            f"{path} has no evaluations.jsonl: train it with `worldmodel train-agent` "
+            "(periodic evaluations are logged there) before comparing"
+        )
+    steps = np.array([r["timesteps"] for r in records], dtype=np.int64)
+    seconds = np.array([r["wall_seconds"] for r in records], dtype=np.float64)
+    curve = np.array([np.mean(r["returns"]) for r in records], dtype=np.float64)
+    eval_file = path / "eval.json"
+    eval_seed = None
+    if eval_file.is_file():
+        final = read_json(eval_file)
+        returns = np.asarray(final["returns"], dtype=np.float64)
+        eval_seed = final.get("seed")
+    else:
+        log.warning("%s: no eval.json, using its last periodic evaluation", path)
+        returns = np.asarray(records[-1]["returns"], dtype=np.float64)
+    summary_file = path / "summary.json"
+    summary = read_json(summary_file) if summary_file.is_file() else {}
+    sps = summary.get("steps_per_second") or float(steps[-1] / max(seconds[-1], 1e-9))
+    vae_file = path / "vae.json"
+    vae = read_json(vae_file) if vae_file.is_file() else None
+    return AgentRun(path, config, returns, steps, seconds, curve, float(sps), eval_seed, vae)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): repr(data)}
+
+
+def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
+    """Group runs by ``agent.obs_mode`` plus every other differing config key (not the seed).
+
+    :raises UserError: when the runs are not from the same env and preprocessing.
+    """
+    envs = {r.config.env.model_dump_json(exclude={"n_envs", "vec_env"}) for r in runs}
+    if len(envs) > 1:
+        ids = sorted({f"{r.config.env.id} ({r.path})" for r in runs})
+        raise UserError(f"runs come from different envs or preprocessing: {', '.join(ids)}")
+    flat = [_flatten(r.config.model_dump(mode="json")) for r in runs]
+    keys = sorted({k for f in flat for k in f})
+    differing = [
+        k for k in keys
+        if len({f.get(k) for f in flat}) > 1 and not k.startswith(IGNORED_KEYS)
+        and k != "agent.obs_mode"
+    ]
+    groups: dict[str, Group] = {}
+    for run, f in zip(runs, flat, strict=True):
+        extra = ", ".join(f"{k}={f.get(k)}" for k in differing)
+        run.group = run.config.agent.obs_mode + (f" ({extra})" if extra else "")
+        groups.setdefault(run.group, Group(run.group)).runs.append(run)
+    for group in groups.values():
+        group.scores = np.array([[r.score] for r in group.runs])
+    order = {"pixel": 0, "latent": 1, "latent-finetune": 2, "random-encoder": 3}
+    return sorted(groups.values(), key=lambda g: (order.get(g.runs[0].config.agent.obs_mode, 9),
+                                                  g.name))
+
+
+def episode_seeds(seed: int, episodes: int) -> list[int]:
+    """The env seeds of evaluation episodes: ``seed, seed + 1, ...`` (as ``evaluate`` uses)."""
+    return [seed + i for i in range(episodes)]
+
+
+def random_baseline(cfg: Config, episodes: int, seed: int) -> np.ndarray:
+    """Returns ``(episodes,)`` of a uniform random policy on ``cfg.env``, with eval seeds."""
+    from envs import make_env
+
+    env = make_env(cfg.env)
+    env.action_space.seed(seed)
+    returns = []
+    for episode_seed in episode_seeds(seed, episodes):
+        env.reset(seed=episode_seed)
+        total, done = 0.0, False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return np.asarray(returns)
+
+
+def _bootstrap(
+    score_dict: dict[str, Any], func: Callable[..., np.ndarray], cfg: CompareConfig, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    from rliable import library as rly
+
+    with warnings.catch_warnings():  # rliable passes arch a RandomState, which arch deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        return rly.get_interval_estimates(
+            score_dict,
+            func,
+            reps=cfg.bootstrap_reps,
+            confidence_interval_size=cfg.confidence,
+            random_state=np.random.RandomState(seed),
+        )
+
+
+def aggregate(groups: dict[str, np.ndarray], cfg: CompareConfig, seed: int = 0) -> dict[str, Any]:
+    """IQM, mean and median with stratified-bootstrap CIs for each ``(runs, tasks)`` score matrix.
+
+    :return: ``{group: {"IQM": [point, low, high], "mean": [...], "median": [...]}}``.
+    """
+    from rliable import metrics
+
+    def func(scores: np.ndarray) -> np.ndarray:
+        # rliable's aggregate_median is the median over tasks of per-task means (for one task,
+        # the mean); with one game we want the median over runs.
+        return np.array([
+            metrics.aggregate_iqm(scores),
+            metrics.aggregate_mean(scores),
+            np.median(scores),
+        ])
+
+    points, intervals = _bootstrap(groups, func, cfg, seed)
+    return {
+        name: {m: [float(points[name][i]), *map(float, intervals[name][:, i])]
+               for i, m in enumerate(METRICS)}
+        for name in groups
+    }
+
+
+def probabilities_of_improvement(
+    groups: dict[str, np.ndarray], cfg: CompareConfig, seed: int = 0
+) -> dict[str, list[float]]:
+    """P(X > Y) with CIs for every ordered pair of groups: ``{"X vs Y": [point, low, high]}``."""
+    from rliable import metrics
+
+    names = list(groups)
+    pairs = {f"{x} vs {y}": (groups[x], groups[y]) for i, x in enumerate(names)
+             for y in names[i + 1:]}
+    if not pairs:
+        return {}
+    points, intervals = _bootstrap(pairs, metrics.probability_of_improvement, cfg, seed)
+    return {k: [float(points[k]), *map(float, intervals[k][:, 0])] for k in pairs}
+
+
+def _common_curve(group: Group) -> tuple[np.ndarray, np.ndarray]:
+    """Env steps ``(K,)`` and returns ``(runs, 1, K)`` over the evaluations all runs share."""
+    length = min(len(r.steps) for r in group.runs)
+    steps = group.runs[0].steps[:length]
+    return steps, np.stack([r.curve[:length] for r in group.runs])[:, None, :]
+
+
+def _time_curve(group: Group, points: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds ``(P,)`` and returns ``(runs, 1, P)`` interpolated onto a shared time grid."""
+    start = max(float(r.seconds[0]) for r in group.runs)
+    stop = min(float(r.seconds[-1]) for r in group.runs)
+    grid = np.linspace(start, max(stop, start), points)
+    curves = np.stack([np.interp(grid, r.seconds, r.curve) for r in group.runs])
+    return grid, curves[:, None, :]
+
+
+def _curve_estimates(
+    curves: dict[str, np.ndarray], cfg: CompareConfig
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    from rliable import metrics
+
+    def iqm(scores: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(scores[..., k]) for k in range(scores.shape[-1])])
+
+    return _bootstrap(curves, iqm, cfg, seed=1)
+
+
+def _plot_curves(
+    groups: list[Group], x_of: Callable[[Group], tuple[np.ndarray, np.ndarray]],
+    xlabel: str, out: Path, cfg: CompareConfig, baseline: float,
+) -> None:
+    import matplotlib.pyplot as plt
+
+    xs, curves = {}, {}
+    for g in groups:
+        xs[g.name], curves[g.name] = x_of(g)
+    points, intervals = _curve_estimates(curves, cfg)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for g in groups:
+        (line,) = ax.plot(xs[g.name], points[g.name], label=g.name, linewidth=2)
+        ax.fill_between(xs[g.name], intervals[g.name][0], intervals[g.name][1],
+                        color=line.get_color(), alpha=0.2)
+    ax.axhline(baseline, color="grey", linestyle="--", label=RANDOM)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"IQM return ({cfg.confidence:.0%} CI)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, out)
+
+
+def _save_figure(fig: Any, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _plot_final(stats: dict[str, Any], out: Path, cfg: CompareConfig) -> None:
+    import matplotlib.pyplot as plt
+
+    names = list(stats)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.6 * len(METRICS), 0.6 * len(names) + 1.4),
+                             sharey=True)
+    for ax, metric in zip(axes, METRICS, strict=True):
+        for y, name in enumerate(names):
+            point, low, high = stats[name][metric]
+            ax.plot([low, high], [y, y], linewidth=6, alpha=0.5)
+            ax.plot([point], [y], "k|", markersize=14)
+        ax.set_title(metric)
+        ax.set_yticks(range(len(names)), names)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Final return, {cfg.confidence:.0%} stratified bootstrap CIs")
+    _save_figure(fig, out)
+
+
+def _plot_speed(groups: list[Group], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(groups) + 1.4))
+    for y, g in enumerate(groups):
+        sps = [r.steps_per_second for r in g.runs]
+        ax.barh(y, np.mean(sps), xerr=np.std(sps) if len(sps) > 1 else None, alpha=0.7)
+    ax.set_yticks(range(len(groups)), [g.name for g in groups])
+    ax.set_xlabel("training env steps / s (mean ± sd over seeds)")
+    ax.grid(axis="x", alpha=0.3)
+    _save_figure(fig, out)
+
+
+def _vae_summary(runs: Sequence[AgentRun]) -> dict[str, Any] | None:
+    """The VAE the latent runs used, with its probe metrics when its summary has them."""
+    for run in runs:
+        if run.vae and run.vae.get("path"):
+            info = dict(run.vae)
+            summary = Path(info["path"]) / "summary.json"
+            if summary.is_file():
+                info["summary"] = read_json(summary)
+            return info
+    return None
+
+
+def _fmt(values: list[float]) -> str:
+    point, low, high = values
+    return f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _probe_r2(vae: dict[str, Any] | None) -> float | None:
+    if not vae:
+        return None
+    summary = vae.get("summary", {})
+    for key in ("probe_r2", "linear_probe_r2"):
+        if key in summary:
+            return float(summary[key])
+        if key in summary.get("metrics", {}):
+            return float(summary["metrics"][key])
+    return None
+
+
+def _verdicts(stats: dict[str, Any]) -> list[str]:
+    """Say, per group, whether its IQM beats the random baseline with the CIs apart."""
+    _, _, random_high = stats[RANDOM]["IQM"]
+    lines = []
+    for name, values in stats.items():
+        if name == RANDOM:
+            continue
+        point, low, _ = values["IQM"]
+        apart = low > random_high
+        lines.append(
+            f"- **{name}**: IQM {point:.3f}; "
+            + ("above the random baseline with the CIs apart." if apart
+               else "not separated from the random baseline at this confidence.")
+        )
+    return lines
+
+
+def write_report(
+    out: Path, groups: list[Group], baseline: np.ndarray, cfg: CompareConfig
+) -> dict[str, Any]:
+    """Compute every statistic and plot, and write ``report.md`` and ``report.json``."""
+    score_dict = {g.name: g.scores for g in groups}
+    score_dict[RANDOM] = baseline[:, None]
+    stats = aggregate(score_dict, cfg)
+    improvement = probabilities_of_improvement({g.name: g.scores for g in groups}, cfg)
+    base_mean = float(baseline.mean())
+    _plot_curves(groups, _common_curve, "env steps", out / "return_vs_steps.png", cfg, base_mean)
+    _plot_curves(groups, _time_curve, "wall-clock seconds of training",
+                 out / "return_vs_seconds.png", cfg, base_mean)
+    _plot_final(stats, out / "final_scores.png", cfg)
+    _plot_speed(groups, out / "steps_per_second.png")
+    runs = [r for g in groups for r in g.runs]
+    vae = _vae_summary(runs)
+    first = runs[0].config
+    report = {
+        "env": first.env.id,
+        "confidence": cfg.confidence,
+        "bootstrap_reps": cfg.bootstrap_reps,
+        "groups": {
+            g.name: {
+                "runs": [str(r.path) for r in g.runs],
+                "seeds": [r.config.seed for r in g.runs],
+                "scores": g.scores[:, 0].tolist(),
+                "timesteps": int(max(r.steps[-1] for r in g.runs)),
+                "steps_per_second": float(np.mean([r.steps_per_second for r in g.runs])),
+                "train_seconds": float(np.mean([r.seconds[-1] for r in g.runs])),
+                **stats[g.name],
+            }
+            for g in groups
+        },
+        "random_baseline": {"episodes": len(baseline), "returns": baseline.tolist(),
+                            **stats[RANDOM]},
+        "probability_of_improvement": improvement,
+        "vae": vae,
+    }
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", _markdown(report, stats, improvement, groups, cfg))
+    return report
+
+
+def _markdown(
+    report: dict[str, Any], stats: dict[str, Any], improvement: dict[str, list[float]],
+    groups: list[Group], cfg: CompareConfig,
+) -> str:
+    ci = f"{cfg.confidence:.0%} CI"
+    lines = [
+        f"# Pixel vs latent agents on {report['env']}",
+        "",
+        f"Scores are each run's mean return over its final evaluation episodes; groups are "
+        f"aggregated over seeds with rliable ({ci}, stratified bootstrap, "
+        f"{cfg.bootstrap_reps} resamples). The random policy's runs are its "
+        f"{report['random_baseline']['episodes']} episodes on the same env and episode seeds.",
+        "",
+        f"| group | runs | env steps | IQM [{ci}] | mean [{ci}] | median [{ci}] | "
+        "train env steps/s | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        info = report["groups"][g.name]
+        lines.append(
+            f"| {g.name} | {len(g.runs)} (seeds {', '.join(map(str, info['seeds']))}) | "
+            f"{info['timesteps']:,} | {_fmt(stats[g.name]['IQM'])} | "
+            f"{_fmt(stats[g.name]['mean'])} | {_fmt(stats[g.name]['median'])} | "
+            f"{info['steps_per_second']:.0f} | {info['train_seconds']:.0f} |"
+        )
+    lines.append(
+        f"| {RANDOM} | {report['random_baseline']['episodes']} episodes | - | "
+        f"{_fmt(stats[RANDOM]['IQM'])} | {_fmt(stats[RANDOM]['mean'])} | "
+        f"{_fmt(stats[RANDOM]['median'])} | - | - |"
+    )
+    lines += ["", "## Verdict", "", *_verdicts(stats)]
+    if improvement:
+        lines += ["", "## Probability of improvement", "", f"| pair | P(X > Y) [{ci}] |",
+                  "|---|---|"]
+        lines += [f"| {pair} | {_fmt(v)} |" for pair, v in improvement.items()]
+    r2 = _probe_r2(report["vae"])
+    if report["vae"]:
+        lines += ["", "## VAE", "", f"- run: `{report['vae'].get('path')}`",
+                  f"- weights sha256: `{report['vae'].get('weights_hash', '?')}`"]
+        if r2 is not None:
+            lines.append(f"- linear-probe R^2 of the true state (held-out episodes): {r2:.3f}")
+    lines += [
+        "", "## Plots", "",
+        "![return vs env steps](return_vs_steps.png)", "",
+        "![return vs wall-clock](return_vs_seconds.png)", "",
+        "![final scores](final_scores.png)", "",
+        "![env steps per second](steps_per_second.png)", "",
+    ]
+    return "\n".join(lines)
+
+
+def run(runs: Sequence[Path], out: Path, cfg: CompareConfig) -> Path:
+    """Compare agent runs and write the report folder.
+
+    :param runs: agent run folders (from ``worldmodel train-agent``; ``evaluate`` optional).
+    :param out: report folder.
+    :param cfg: the ``compare`` config section.
+    :return: ``out``.
+    """
+    if not runs:
+        raise UserError("give at least one agent run folder to compare")
+    agent_runs = [load_agent_run(Path(p)) for p in runs]
+    groups = group_runs(agent_runs)
+    first = agent_runs[0]
+    seed = first.eval_seed if first.eval_seed is not None else first.config.seed + 10_000
+    log.info("random baseline: %d episodes on %s", cfg.random_episodes, first.config.env.id)
+    baseline = random_baseline(first.config, cfg.random_episodes, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, groups, baseline, cfg)
+    log.info("report: %s", out / "report.md")
+    return out

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from agents import compare
+from worldmodel.config import CompareConfig, resolve_config
+from worldmodel.errors import UserError
+from worldmodel.io import read_json
+
+FAST = CompareConfig(random_episodes=10, bootstrap_reps=300)
+
+
+def fake_run(root: Path, name: str, obs_mode: str, seed: int, final: np.ndarray,
+             curve: list[float], extra: tuple[str, ...] = ()) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    cfg = resolve_config(None, [f"agent.obs_mode={obs_mode}", f"seed={seed}",
+                                "env.max_episode_steps=20", *extra])
+    cfg.save(path / "config.yaml")
+    with open(path / "evaluations.jsonl", "w") as f:
+        for k, value in enumerate(curve):
+            f.write(json.dumps({"timesteps": 1000 * (k + 1), "wall_seconds": 2.0 * (k + 1),
+                                "returns": [value, value], "lengths": [10, 10]}) + "\n")
+    (path / "eval.json").write_text(json.dumps({"returns": final.tolist(), "seed": 500}))
+    (path / "summary.json").write_text(json.dumps({"steps_per_second": 100.0 + seed}))
+    return path
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> tuple[list[Path], dict[str, float]]:
+    """Two groups of 5 seeds with known true scores: latent 1.0, pixel 0.2."""
+    rng = np.random.default_rng(0)
+    truth = {"latent": 1.0, "pixel": 0.2}
+    runs = []
+    for mode, mean in truth.items():
+        for seed in range(5):
+            final = rng.normal(mean, 0.05, size=8)
+            curve = list(np.linspace(-1.0, mean, 4))
+            runs.append(fake_run(tmp_path / "runs", f"{mode}{seed}", mode, seed, final, curve))
+    return runs, truth
+
+
+def test_compare_gives_right_iqm_and_cis_containing_truth(
+    tmp_path: Path, synthetic: tuple[list[Path], dict[str, float]]
+) -> None:
+    runs, truth = synthetic
+    out = compare.run(runs, tmp_path / "report", FAST)
+    report = read_json(out / "report.json")
+    for mode, true_mean in truth.items():
+        group = report["groups"][mode]
+        scores = np.array(group["scores"])
+        assert len(scores) == 5
+        point, low, high = group["IQM"]
+        assert point == pytest.approx(stats.trim_mean(scores, 0.25))
+        assert low <= true_mean <= high
+        assert group["mean"][0] == pytest.approx(scores.mean())
+        assert group["median"][0] == pytest.approx(np.median(scores))
+    # latent clearly beats pixel
+    point, low, _ = report["probability_of_improvement"]["pixel vs latent"]
+    assert point == pytest.approx(0.0) and low == pytest.approx(0.0)
+    random_returns = np.array(report["random_baseline"]["returns"])
+    assert len(random_returns) == 10
+    # the random baseline really ran the env: Reach's reward is negative until arrival
+    assert random_returns.min() < 0
+    md = (out / "report.md").read_text()
+    assert "| latent | 5 (seeds 0, 1, 2, 3, 4)" in md and "random policy" in md
+    assert "**latent**: IQM" in md and "above the random baseline" in md
+    for png in ("return_vs_steps", "return_vs_seconds", "final_scores", "steps_per_second"):
+        data = (out / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_groups_split_on_differing_keys(tmp_path: Path) -> None:
+    final = np.zeros(3)
+    runs = [
+        compare.load_agent_run(fake_run(tmp_path, "a", "latent", 0, final, [0.0])),
+        compare.load_agent_run(fake_run(tmp_path, "b", "latent", 1, final, [0.0])),
+        compare.load_agent_run(fake_run(tmp_path, "c", "latent", 0, final, [0.0],
+                                        ("agent.history=2",))),
+    ]
+    groups = compare.group_runs(runs)
+    assert [g.name for g in groups] == ["latent (agent.history=1)", "latent (agent.history=2)"]
+    assert [len(g.runs) for g in groups] == [2, 1]
+
+
+def test_different_envs_refused(tmp_path: Path) -> None:
+    a = fake_run(tmp_path, "a", "latent", 0, np.zeros(2), [0.0])
+    b = fake_run(tmp_path, "b", "pixel", 0, np.zeros(2), [0.0], ("env.image_size=32",))
+    with pytest.raises(UserError, match="different envs"):
+        compare.run([a, b], tmp_path / "out", FAST)
+
+
+def test_missing_eval_log_is_a_clear_error(tmp_path: Path) -> None:
+    a = fake_run(tmp_path, "a", "latent", 0, np.zeros(2), [0.0])
+    (a / "evaluations.jsonl").unlink()
+    with pytest.raises(UserError, match=r"no evaluations\.jsonl"):
+        compare.run([a], tmp_path / "out", FAST)
+    with pytest.raises(UserError, match="not found"):
+        compare.run([tmp_path / "nope"], tmp_path / "out", FAST)
