@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import time
@@ -30,7 +29,11 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else the CPU with all its cores for intra-op threads."""
+    """``auto`` is CUDA when available, else the CPU.
+
+    PyTorch already uses every physical core on the CPU; callers that run several trainings at
+    once (the pipeline) lower ``torch.set_num_threads`` in each process themselves.
+    """
     import torch
 
     if device == "auto":
@@ -39,8 +42,6 @@ def resolve_device(device: str = "auto") -> torch.device:
         from worldmodel.errors import ConfigError
 
         raise ConfigError("device cuda: no CUDA device is available; use device=auto or cpu")
-    if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
     return torch.device(device)
 
 
