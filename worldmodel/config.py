@@ -55,6 +55,19 @@ class CollectConfig(Section):
         None, description="Ray cluster address (null: start a local Ray)."
     )
     chunk_frames: int = Field(256, ge=1, description="Frames per zarr chunk along time.")
+    commit_seconds: float = Field(
+        2.0,
+        ge=0.0,
+        description="Each worker commits its finished episodes at least this often (0: after "
+        "every episode); an episode is visible, and survives a crash, once committed.",
+    )
+    brownian_dt: float = Field(
+        1 / 50,
+        gt=0.0,
+        le=1.0,
+        description="brownian policy: a_{t+1} = clip(a_t + sqrt(dt) N(0, 1)) for Box actions; "
+        "Discrete actions are resampled with probability sqrt(dt) per step.",
+    )
 
     @field_validator("policy")
     @classmethod
@@ -87,7 +100,9 @@ class DataConfig(Section):
     cache_bytes: int = Field(
         512 * 2**20, ge=2**20, description="Memory budget for decompressed frames in the loader."
     )
-    loader_workers: int = Field(1, ge=0, description="Processes that decompress chunks.")
+    loader_workers: int = Field(
+        1, ge=0, description="Threads that decompress chunks ahead of the trainer (0: inline)."
+    )
 
 
 class VAEConfig(Section):
