@@ -154,6 +154,27 @@ class AgentConfig(Section):
     eval_every: int = Field(10_000, ge=1, description="Evaluate every N env steps.")
     eval_episodes: int = Field(10, ge=1, description="Episodes per periodic evaluation.")
     checkpoint_every: int = Field(25_000, ge=1, description="Save last.zip every N env steps.")
+    eval_envs: int = Field(
+        1, ge=1, description="Parallel envs of the periodic evaluation (seeded apart from training)."
+    )
+    eval_deterministic: bool = Field(
+        True, description="Greedy actions in the periodic evaluations during training."
+    )
+    vae_checkpoint: Literal["best", "last"] = Field(
+        "best", description="Which checkpoint of the --vae run the latent modes use."
+    )
+    replay_buffer_max_mb: int = Field(
+        512,
+        ge=0,
+        description="Off-policy algos: save the replay buffer with last.zip (for --resume) when it "
+        "takes at most this many MB; 0 never saves it.",
+    )
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="PyTorch intra-op CPU threads of the agent (0: leave torch's setting). 1 is "
+        "fastest for small policies, batch-1 inference, and when other jobs share the cores.",
+    )
     device: Device = "auto"
 
 

@@ -1,0 +1,203 @@
+"""``worldmodel evaluate RUN``: returns and episode lengths of a trained agent, and a video.
+
+``RUN/eval.json`` holds every episode's return and length plus their mean, std, min and max.
+With ``video=True``, ``RUN/video.mp4`` shows the first episode of env 0, upscaled with nearest
+neighbours (64x64 frames become 256x256); for the encoder modes it shows, side by side, the frame
+and the VAE's reconstruction of the latent the agent observes (for ``latent-finetune``: the
+fine-tuned encoder's ``mu`` through the original VAE decoder; for ``random-encoder`` the
+"reconstruction" is noise, which is the point of that control).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from stable_baselines3.common.evaluation import evaluate_policy
+
+from agents.runs import (
+    EVAL_SEED_OFFSET,
+    VecFrameRecorder,
+    agent_device,
+    find_wrapper,
+    load_encoder,
+    load_model,
+    locate_vae_run,
+    make_agent_env,
+    read_vae_record,
+)
+from worldmodel.errors import UserError
+from worldmodel.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    from worldmodel.config import Config
+    from worldmodel.vae import LoadedVAE
+
+log = logging.getLogger("worldmodel")
+
+#: Videos are upscaled (nearest neighbour) to at least this many pixels high.
+VIDEO_HEIGHT = 256
+
+
+def _stats(values: Sequence[float], name: str) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        f"mean_{name}": float(a.mean()),
+        f"std_{name}": float(a.std()),
+        f"min_{name}": float(a.min()),
+        f"max_{name}": float(a.max()),
+    }
+
+
+def _rgb(frames: np.ndarray) -> np.ndarray:
+    """``(T, H, W, C)`` uint8 with C in {1, 3} -> ``(T, H, W, 3)``."""
+    return np.repeat(frames, 3, axis=-1) if frames.shape[-1] == 1 else frames
+
+
+def compose_video(frames: np.ndarray, recon: np.ndarray | None = None) -> np.ndarray:
+    """Video frames: the env frames (and reconstructions to their right), upscaled.
+
+    :param frames: ``(T, H, W, C)`` uint8.
+    :param recon: ``(T, H, W, C)`` uint8 or ``None``.
+    :return: ``(T, s*H, s*W or 2*s*W, 3)`` uint8 with ``s = ceil(256 / H)``.
+    """
+    video = _rgb(frames)
+    if recon is not None:
+        video = np.concatenate([video, _rgb(recon)], axis=2)
+    scale = max(1, -(-VIDEO_HEIGHT // frames.shape[1]))
+    return np.repeat(np.repeat(video, scale, axis=1), scale, axis=2)
+
+
+def write_mp4(path: Path, video: np.ndarray, fps: float) -> None:
+    """Write ``(T, H, W, 3)`` uint8 frames as an H.264 MP4, atomically (temp file + rename)."""
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    os.close(fd)
+    try:
+        imageio.mimwrite(tmp, list(video), fps=fps, macro_block_size=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finetune_recon(
+    model: BaseAlgorithm, run: Path, frames: np.ndarray
+) -> np.ndarray | None:
+    """The fine-tuned encoder's ``mu`` decoded by the original VAE's decoder."""
+    from agents.extractor import vae_extractors
+    from worldmodel.vae import frames_to_tensor, load_vae
+
+    record = read_vae_record(run)
+    path = locate_vae_run(record, run) if record else None
+    extractors = vae_extractors(model.policy)
+    if path is None or not extractors or record is None:
+        log.warning("no reconstruction in the video: the VAE run of %s is not available", run)
+        return None
+    vae = load_vae(path, record["checkpoint"])
+    with torch.no_grad():
+        z = extractors[0].encode_frames(frames_to_tensor(frames, model.device))
+    return vae.decode(z.cpu())
+
+
+def _recon(
+    cfg: Config, encoder: LoadedVAE | None, model: BaseAlgorithm, run: Path, frames: np.ndarray
+) -> np.ndarray | None:
+    if cfg.agent.obs_mode == "latent-finetune":
+        return _finetune_recon(model, run, frames)
+    if encoder is None:
+        return None
+    return encoder.decode(encoder.encode(frames, mode=cfg.agent.latent))
+
+
+def run(
+    run: Path,
+    episodes: int = 10,
+    video: bool = False,
+    deterministic: bool = False,
+    seed: int | None = None,
+    checkpoint: Literal["last", "best"] = "last",
+) -> Path:
+    """Evaluate an agent run; write ``RUN/eval.json`` (and ``RUN/video.mp4``).
+
+    :param run: the agent run folder.
+    :param episodes: episodes to play.
+    :param video: also write a video of env 0's first episode.
+    :param deterministic: greedy actions instead of sampling from the policy.
+    :param seed: seed of the evaluation envs (default: the run's seed + 1000).
+    :param checkpoint: ``last`` (``last.zip``, the end of training) or ``best``
+        (``best_model.zip``, chosen on the periodic evaluations: optimistic).
+    :return: the path of ``eval.json``.
+    """
+    from worldmodel.config import load_run_config
+
+    run = Path(run)
+    if episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {episodes}")
+    cfg = load_run_config(run)
+    zip_path = run / ("last.zip" if checkpoint == "last" else "best_model.zip")
+    encoder = load_encoder(run, cfg)
+    seed = cfg.seed + EVAL_SEED_OFFSET if seed is None else seed
+    n_envs = min(episodes, cfg.agent.eval_envs)
+    env = make_agent_env(cfg, encoder, n_envs=n_envs, seed=seed, training=False, recorder=video)
+    try:
+        model = load_model(run, cfg, zip_path, device=agent_device(cfg))
+        model.set_random_seed(seed)
+        returns, lengths = evaluate_policy(
+            model, env, n_eval_episodes=episodes, deterministic=deterministic,
+            return_episode_rewards=True, warn=False,
+        )
+        assert isinstance(returns, list) and isinstance(lengths, list)
+        result: dict[str, Any] = {
+            "run": str(run),
+            "checkpoint": zip_path.name,
+            "timesteps": int(model.num_timesteps),
+            "obs_mode": cfg.agent.obs_mode,
+            "episodes": episodes,
+            "deterministic": deterministic,
+            "seed": seed,
+            **_stats(returns, "return"),
+            **_stats(lengths, "length"),
+            "returns": [float(r) for r in returns],
+            "lengths": [int(n) for n in lengths],
+            "video": None,
+        }
+        if video:
+            result["video"] = _video(cfg, encoder, model, run, env)
+    finally:
+        env.close()
+    path = run / "eval.json"
+    atomic_write_json(path, result)
+    log.info("%s: return %.2f +- %.2f over %d episodes", run, result["mean_return"],
+             result["std_return"], episodes)
+    return path
+
+
+def _video(
+    cfg: Config, encoder: LoadedVAE | None, model: BaseAlgorithm, run: Path, env: Any
+) -> dict[str, Any]:
+    recorder = find_wrapper(env, VecFrameRecorder)
+    frames = np.stack(recorder.frames)
+    recon = _recon(cfg, encoder, model, run, frames)
+    fps = float(env.metadata.get("render_fps") or 30) / cfg.env.frame_skip
+    path = run / "video.mp4"
+    write_mp4(path, compose_video(frames, recon), fps=max(1.0, fps))
+    episode = recorder.episode or {}
+    return {
+        "path": path.name,
+        "frames": len(frames),
+        "reconstruction": recon is not None,
+        "fps": max(1.0, fps),
+        "return": float(episode.get("r", np.nan)),
+        "length": int(episode.get("l", len(frames))),
+    }

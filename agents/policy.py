@@ -1,0 +1,129 @@
+"""The collector's ``agent:PATH`` policy: a trained agent run acting in a single env.
+
+``worldmodel collect`` with ``collect.policy: agent:RUN`` calls :func:`make_policy` in each worker
+(it is a picklable module-level function). The policy builds the observation pipeline the run
+was trained with, from its folder (:mod:`agents.runs`): the same VAE (checked by weights hash),
+the same latent or frame history (zeros before the episode start) and the same latent mode.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.vec_env.stacked_observations import StackedObservations
+
+from agents.latent import latent_space
+from agents.runs import LATENT_MODES, agent_device, load_encoder, load_model
+from worldmodel.errors import UserError
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    from worldmodel.config import Config
+    from worldmodel.vae import LoadedVAE
+
+
+class AgentPolicy:
+    """Act with a trained SB3 agent on raw ``uint8 (H, W, C)`` frames, one env, one step at a time.
+
+    :param model: the loaded SB3 agent.
+    :param cfg: the agent run's config.
+    :param encoder: its VAE (latent modes) or ``None``.
+    :param action_space: the env's action space (for epsilon-random actions).
+    :param seed: seeds the random actions and the policy's sampling.
+    :param epsilon: probability of a uniformly random action at each step.
+    :param deterministic: greedy actions instead of sampling from the policy.
+    """
+
+    def __init__(
+        self,
+        model: BaseAlgorithm,
+        cfg: Config,
+        encoder: LoadedVAE | None,
+        action_space: spaces.Space[Any],
+        seed: int = 0,
+        epsilon: float = 0.0,
+        deterministic: bool = False,
+    ) -> None:
+        self.model = model
+        self.encoder = encoder
+        self.latent = cfg.agent.latent
+        self.epsilon = epsilon
+        self.deterministic = deterministic
+        self.rng = np.random.default_rng(seed)
+        self.action_space = copy.deepcopy(action_space)
+        self.action_space.seed(seed)
+        torch.manual_seed(seed)
+        if cfg.agent.obs_mode in LATENT_MODES:
+            assert encoder is not None
+            base: spaces.Box = latent_space(encoder.latent_dim)
+        else:
+            base = spaces.Box(0, 255, cfg.env.obs_shape, np.uint8)
+        self._stack = StackedObservations(1, cfg.agent.history, base, "last")
+        self._obs: np.ndarray | None = None
+        self._fresh = False
+
+    def _transform(self, frame: np.ndarray) -> np.ndarray:
+        """One frame ``(H, W, C)`` -> ``(1, Z)`` latent, or ``(1, H, W, C)`` for pixel modes."""
+        frames = np.asarray(frame)[None]
+        if self.encoder is None:
+            return frames
+        return self.encoder.encode(frames, mode=self.latent)
+
+    def reset(self, obs: np.ndarray, info: dict[str, Any]) -> None:
+        """Start an episode whose first frame is ``obs``."""
+        self._obs = self._stack.reset(self._transform(obs)).copy()
+        self._fresh = True
+
+    def act(self, obs: np.ndarray, info: dict[str, Any]) -> Any:
+        """The action for the current frame ``obs`` (the first call after reset may repeat it)."""
+        if self._obs is None:
+            self.reset(obs, info)
+        elif not self._fresh:
+            stacked, _ = self._stack.update(self._transform(obs), np.zeros(1, bool), [{}])
+            self._obs = stacked.copy()
+        self._fresh = False
+        if self.epsilon > 0 and self.rng.random() < self.epsilon:
+            return self.action_space.sample()
+        assert self._obs is not None
+        action, _ = self.model.predict(self._obs, deterministic=self.deterministic)
+        return action[0]
+
+
+def make_policy(spec: str, env: gym.Env[Any, Any], seed: int, epsilon: float) -> AgentPolicy:
+    """Build the ``agent:PATH`` policy for one collector env.
+
+    :param spec: ``agent:PATH`` with PATH an agent run folder (its ``last.zip`` is used).
+    :param env: the collector's env; its frames and actions must be the agent's.
+    :param seed: seeds epsilon-random actions and the policy's action sampling.
+    :param epsilon: probability of a random action at each step.
+    :raises UserError: a bad spec or run folder, or an env that does not fit the agent.
+    """
+    from worldmodel.config import load_run_config
+
+    if not spec.startswith("agent:") or len(spec) <= len("agent:"):
+        raise UserError(f"policy {spec!r}: expected agent:PATH with PATH an agent run folder")
+    run = Path(spec.removeprefix("agent:"))
+    if not run.is_dir():
+        raise UserError(f"policy {spec!r}: {run} is not an agent run folder")
+    cfg = load_run_config(run)
+    if env.observation_space.shape != cfg.env.obs_shape:
+        raise UserError(
+            f"policy {spec!r}: the agent was trained on {cfg.env.obs_shape} frames of "
+            f"{cfg.env.id} but this env gives {env.observation_space.shape}; collect with the "
+            "agent's env settings"
+        )
+    model = load_model(run, cfg, run / "last.zip", device=agent_device(cfg))
+    if model.action_space != env.action_space:
+        raise UserError(
+            f"policy {spec!r}: the agent acts in {model.action_space}, this env in "
+            f"{env.action_space}"
+        )
+    encoder = load_encoder(run, cfg)
+    return AgentPolicy(model, cfg, encoder, env.action_space, seed, epsilon)

@@ -1,0 +1,442 @@
+"""``worldmodel train-agent``: an SB3 agent on pixels or VAE latents, with nothing else changed.
+
+Top to bottom, :func:`run`:
+
+1. checks the run folder (a fresh run refuses a folder with checkpoints; ``--resume`` needs
+   ``last.zip`` and the same settings), the algorithm against the action space, and the
+   hyperparameters (:mod:`agents.hyperparams`);
+2. builds the encoder (:func:`agents.runs.prepare_encoder`: the ``--vae`` run, checked against
+   the env's frames, or an untrained one for ``random-encoder``) and records it in ``vae.json``;
+3. builds ``env.n_envs`` training envs and ``agent.eval_envs`` evaluation envs (seeds
+   ``seed + 1000 + i``) with the same observation pipeline (:mod:`agents.runs`);
+4. trains with SB3's logger (stdout, ``progress*.csv``, TensorBoard), its progress bar, a periodic
+   evaluation (:class:`PeriodicEval`) and checkpoints (:class:`Checkpoint`);
+5. evaluates once more at the end and writes ``summary.json``.
+
+Run folder: ``config.yaml``, ``vae.json`` (latent modes), ``evaluations.jsonl`` (one record per
+evaluation: ``timesteps``, ``wall_seconds``, ``elapsed_seconds``, ``returns``, ``lengths``,
+``mean_return``, ``std_return``), ``best_model.zip``, ``last.zip`` (+ ``replay_buffer.pkl`` for
+off-policy algorithms when small enough, ``vecnormalize.pkl`` with reward normalisation),
+``train_state.json``, ``summary.json``, TensorBoard ``events.*`` and ``progress.csv``
+(``progress_<n>.csv`` for the n-th resumed session).
+
+``wall_seconds`` is training wall-clock time, periodic evaluations and checkpointing excluded,
+summed over resumed sessions: the x axis of return-vs-compute curves. ``elapsed_seconds``
+includes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import pickle
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import Logger, make_output_format
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
+
+from agents.hyperparams import parse_hyperparams
+from agents.runs import (
+    EVAL_SEED_OFFSET,
+    agent_device,
+    algo_class,
+    full_policy_kwargs,
+    load_encoder,
+    load_model,
+    make_agent_env,
+    prepare_encoder,
+    read_vae_record,
+)
+from worldmodel.errors import UserError
+from worldmodel.io import (
+    append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+)
+from worldmodel.utils import progress_enabled, seed_everything
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    from worldmodel.config import Config
+
+log = logging.getLogger("worldmodel")
+
+#: Settings that may change between a run and its ``--resume`` (budgets and cadences).
+RESUMABLE = {"timesteps", "eval_every", "eval_episodes", "checkpoint_every", "device",
+             "replay_buffer_max_mb"}
+
+
+class Clock:
+    """Training wall-clock time with pauses (evaluations, checkpoints), across sessions.
+
+    :param seconds: training seconds of earlier sessions.
+    :param elapsed: elapsed seconds (pauses included) of earlier sessions.
+    """
+
+    def __init__(self, seconds: float = 0.0, elapsed: float = 0.0) -> None:
+        self._before, self._elapsed_before = seconds, elapsed
+        self._start = time.perf_counter()
+        self._paused = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the first session started, pauses included."""
+        return self._elapsed_before + time.perf_counter() - self._start
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds, pauses excluded."""
+        return self._before + time.perf_counter() - self._start - self._paused
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside this block does not count as training time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t0
+
+
+def save_model(model: BaseAlgorithm, path: Path) -> None:
+    """``model.save`` to ``path`` atomically."""
+    atomic_write(path, lambda f: model.save(f))  # type: ignore[arg-type]
+
+
+class PeriodicEval(EvalCallback):
+    """Evaluate every ``every`` env steps; log env steps AND wall-clock seconds per evaluation.
+
+    Each evaluation appends ``{timesteps, wall_seconds, elapsed_seconds, returns, lengths,
+    mean_return, std_return}`` to ``RUN/evaluations.jsonl``, records ``eval/*`` in SB3's logger
+    and saves ``best_model.zip`` (atomically) on a new best mean return.
+    """
+
+    def __init__(
+        self,
+        eval_env: VecEnv,
+        run_dir: Path,
+        clock: Clock,
+        every: int,
+        episodes: int,
+        deterministic: bool,
+        best_mean_reward: float = -np.inf,
+    ) -> None:
+        super().__init__(
+            eval_env, n_eval_episodes=episodes, eval_freq=1, deterministic=deterministic,
+            verbose=0, warn=False,
+        )
+        self.run_dir = run_dir
+        self.clock = clock
+        self.every = every
+        self.best_mean_reward = best_mean_reward
+        self.next_eval = every
+        self.last_record: dict[str, Any] | None = None
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        self.next_eval = (self.model.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.next_eval:
+            self.next_eval = (self.num_timesteps // self.every + 1) * self.every
+            self.evaluate()
+        return True
+
+    def evaluate(self) -> dict[str, Any]:
+        """Run one evaluation now and record it."""
+        model = self.model
+        with self.clock.paused():
+            if model.get_vec_normalize_env() is not None:
+                sync_envs_normalization(model.get_env(), self.eval_env)  # type: ignore[arg-type]
+            returns, lengths = evaluate_policy(
+                model, self.eval_env, n_eval_episodes=self.n_eval_episodes,
+                deterministic=self.deterministic, return_episode_rewards=True, warn=False,
+            )
+            assert isinstance(returns, list) and isinstance(lengths, list)
+            mean = float(np.mean(returns))
+            record: dict[str, Any] = {
+                "timesteps": int(model.num_timesteps),
+                "wall_seconds": round(self.clock.seconds, 3),
+                "elapsed_seconds": round(self.clock.elapsed, 3),
+                "returns": [float(r) for r in returns],
+                "lengths": [int(n) for n in lengths],
+                "mean_return": mean,
+                "std_return": float(np.std(returns)),
+            }
+            append_jsonl(self.run_dir / "evaluations.jsonl", record)
+            self.last_mean_reward = mean
+            self.last_record = record
+            model.logger.record("eval/mean_reward", record["mean_return"])
+            model.logger.record("eval/std_reward", record["std_return"])
+            model.logger.record("eval/mean_ep_length", float(np.mean(lengths)))
+            model.logger.record("eval/wall_seconds", record["wall_seconds"])
+            model.logger.dump(model.num_timesteps)
+            if mean > self.best_mean_reward:
+                self.best_mean_reward = mean
+                save_model(model, self.run_dir / "best_model.zip")
+        return record
+
+
+class Checkpoint(BaseCallback):
+    """Save ``last.zip`` (and what resuming needs) every ``every`` env steps.
+
+    :param save: the function that writes the checkpoint (see :func:`save_checkpoint`).
+    """
+
+    def __init__(self, every: int, save: Any) -> None:
+        super().__init__()
+        self.every = every
+        self.save = save
+        self.next_save = every
+
+    def _init_callback(self) -> None:
+        self.next_save = (self.model.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.next_save:
+            self.next_save = (self.num_timesteps // self.every + 1) * self.every
+            self.save()
+        return True
+
+
+def _replay_buffer_mb(model: BaseAlgorithm) -> float:
+    buffer = getattr(model, "replay_buffer", None)
+    arrays = [v for v in vars(buffer).values() if isinstance(v, np.ndarray)] if buffer else []
+    return sum(a.nbytes for a in arrays) / 2**20
+
+
+def save_checkpoint(
+    model: BaseAlgorithm, run_dir: Path, cfg: Config, clock: Clock, evaluator: PeriodicEval
+) -> None:
+    """Write ``last.zip``, ``train_state.json`` and, when useful, replay buffer and VecNormalize."""
+    with clock.paused():
+        if isinstance(model, OffPolicyAlgorithm) and cfg.agent.replay_buffer_max_mb > 0:
+            size = _replay_buffer_mb(model)
+            if size <= cfg.agent.replay_buffer_max_mb:
+                atomic_write(run_dir / "replay_buffer.pkl", model.save_replay_buffer)  # type: ignore[arg-type]
+            else:
+                log.info("replay buffer not saved: %.0f MB > agent.replay_buffer_max_mb", size)
+        normalize = model.get_vec_normalize_env()
+        if normalize is not None:
+            atomic_write(run_dir / "vecnormalize.pkl", lambda f: pickle.dump(normalize, f))
+        save_model(model, run_dir / "last.zip")
+        atomic_write_json(run_dir / "train_state.json", {
+            "timesteps": int(model.num_timesteps),
+            "wall_seconds": clock.seconds,
+            "elapsed_seconds": clock.elapsed,
+            "best_mean_reward": evaluator.best_mean_reward,
+        })
+
+
+def check_action_space(algo: str, space: spaces.Space[Any], env_id: str) -> None:
+    """SAC/TD3 need continuous actions, DQN discrete ones: a clear error otherwise."""
+    if algo in ("SAC", "TD3") and not isinstance(space, spaces.Box):
+        raise UserError(
+            f"{algo} needs continuous (Box) actions but {env_id} has {space}; use PPO, A2C or "
+            "DQN, or continuous actions (Reach: --set env.kwargs.continuous=true; CarRacing: "
+            "the default)"
+        )
+    if algo == "DQN" and not isinstance(space, spaces.Discrete):
+        raise UserError(
+            f"DQN needs discrete actions but {env_id} has {space}; use PPO, A2C, SAC or TD3, or "
+            "discrete actions (CarRacing: --set env.kwargs.continuous=false)"
+        )
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _check_run_dir(cfg: Config, out: Path, resume: bool) -> None:
+    """Fresh runs need an empty folder; resumed ones a checkpoint and the same settings."""
+    from worldmodel.config import load_run_config
+
+    has_checkpoint = any((out / f).exists() for f in ("last.zip", "best_model.zip"))
+    if not resume:
+        if has_checkpoint:
+            raise UserError(
+                f"{out} already holds a trained agent; pass --resume to continue it, or choose "
+                "another --out"
+            )
+        return
+    if not (out / "last.zip").is_file():
+        raise UserError(f"nothing to resume: {out} has no last.zip; drop --resume to start")
+    saved = load_run_config(out).model_dump(mode="json")
+    now = cfg.model_dump(mode="json")
+    keep = {k: v for k, v in now.items() if k in ("seed", "env", "agent")}
+    old, new = _flat({k: saved[k] for k in keep}), _flat(keep)
+    changed = sorted(
+        k for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k) and k.removeprefix("agent.") not in RESUMABLE
+    )
+    if changed:
+        raise UserError(
+            f"--resume: these settings differ from {out}/config.yaml: {', '.join(changed)}; "
+            f"resume with --config {out}/config.yaml (only budgets and cadences may change)"
+        )
+
+
+def _logger(out: Path, session: int) -> Logger:
+    formats = ["csv", "tensorboard"] + (["stdout"] if progress_enabled() else [])
+    suffix = "" if session == 0 else f"_{session}"
+    return Logger(str(out), [make_output_format(f, str(out), suffix) for f in formats])
+
+
+def _build_model(
+    cfg: Config, out: Path, env: VecEnv, record: dict[str, Any] | None, resume: bool, device: Any
+) -> BaseAlgorithm:
+    algo = algo_class(cfg.agent.algo)
+    hyper = parse_hyperparams(cfg.agent.hyperparams, algo, env.action_space)
+    if resume:
+        model = load_model(out, cfg, out / "last.zip", env=env, device=device)
+        buffer = out / "replay_buffer.pkl"
+        if isinstance(model, OffPolicyAlgorithm):
+            if buffer.is_file():
+                model.load_replay_buffer(buffer)
+            else:
+                log.warning("resuming %s with an empty replay buffer", cfg.agent.algo)
+        return model
+    policy, policy_kwargs = full_policy_kwargs(cfg, record, hyper.pop("policy_kwargs", {}))
+    try:
+        return algo(
+            policy, env, seed=cfg.seed, device=device, policy_kwargs=policy_kwargs, verbose=0,
+            **hyper,
+        )
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"agent: SB3 {cfg.agent.algo} rejected the settings: {e}") from e
+
+
+def _trim_evaluations(out: Path, timesteps: int) -> None:
+    """Drop evaluation records newer than the checkpoint we resume from (a lost session)."""
+    path = out / "evaluations.jsonl"
+    records = read_jsonl(path)
+    keep = [r for r in records if r["timesteps"] <= timesteps]
+    if len(keep) != len(records):
+        import json
+
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool = False) -> Path:
+    """Train an agent as ``cfg.agent`` says; see the module docstring for the run folder.
+
+    :param cfg: the resolved config.
+    :param out: the run folder.
+    :param vae: the VAE run (``latent``, ``latent-finetune``; optional for ``random-encoder``,
+        where it only decides the architecture).
+    :param resume: continue from ``out/last.zip`` (the step count goes on).
+    :return: ``out``.
+    """
+    out = Path(out)
+    _check_run_dir(cfg, out, resume)
+    algo = algo_class(cfg.agent.algo)
+    parse_hyperparams(cfg.agent.hyperparams, algo)  # fail fast, before envs are built
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = agent_device(cfg)
+    if resume:
+        encoder, record = load_encoder(out, cfg), read_vae_record(out)
+        if vae is not None and record and record.get("path") != str(Path(vae).resolve()):
+            log.warning("--resume uses the recorded VAE %s, not --vae %s", record["path"], vae)
+    else:
+        encoder, record = prepare_encoder(cfg, vae, out)
+    cfg.save(out / "config.yaml")
+    gamma = float(cfg.agent.hyperparams.get("gamma", 0.99))
+    env = make_agent_env(cfg, encoder, n_envs=cfg.env.n_envs, seed=cfg.seed, gamma=gamma,
+                         normalize_from=out / "vecnormalize.pkl" if resume else None)
+    eval_env = None
+    try:
+        check_action_space(cfg.agent.algo, env.action_space, cfg.env.id)
+        eval_env = make_agent_env(cfg, encoder, n_envs=cfg.agent.eval_envs,
+                                  seed=cfg.seed + EVAL_SEED_OFFSET, training=False, gamma=gamma)
+        model = _build_model(cfg, out, env, record, resume, device)
+        return _train(cfg, out, model, eval_env, record, resume)
+    finally:
+        env.close()
+        if eval_env is not None:
+            eval_env.close()
+
+
+def _train(
+    cfg: Config,
+    out: Path,
+    model: BaseAlgorithm,
+    eval_env: VecEnv,
+    record: dict[str, Any] | None,
+    resume: bool,
+) -> Path:
+    state = read_json(out / "train_state.json") if resume else {}
+    session = len(list(out.glob("progress*.csv"))) if resume else 0
+    model.set_logger(_logger(out, session))
+    if resume:
+        _trim_evaluations(out, model.num_timesteps)
+    clock = Clock(state.get("wall_seconds", 0.0), state.get("elapsed_seconds", 0.0))
+    evaluator = PeriodicEval(
+        eval_env, out, clock, cfg.agent.eval_every, cfg.agent.eval_episodes,
+        cfg.agent.eval_deterministic, state.get("best_mean_reward", -np.inf),
+    )
+
+    def save() -> None:
+        save_checkpoint(model, out, cfg, clock, evaluator)
+
+    start_steps = model.num_timesteps
+    remaining = cfg.agent.timesteps - model.num_timesteps
+    if remaining > 0:
+        try:
+            model.learn(
+                remaining,
+                callback=CallbackList([evaluator, Checkpoint(cfg.agent.checkpoint_every, save)]),
+                reset_num_timesteps=not resume,
+                progress_bar=progress_enabled(),
+            )
+        except KeyboardInterrupt:
+            save()
+            raise
+    if remaining <= 0 and (out / "summary.json").is_file():
+        log.info("%s already trained %d env steps; nothing to do", out, model.num_timesteps)
+        return out
+    if remaining <= 0:
+        evaluator.init_callback(model)
+    last = evaluator.last_record
+    final = last if last and last["timesteps"] == model.num_timesteps else evaluator.evaluate()
+    save()
+    log.info("trained %d env steps (%d this session) in %.0f s",
+             model.num_timesteps, model.num_timesteps - start_steps, clock.seconds)
+    summary = {
+        "algo": cfg.agent.algo,
+        "obs_mode": cfg.agent.obs_mode,
+        "env": cfg.env.id,
+        "seed": cfg.seed,
+        "history": cfg.agent.history,
+        "timesteps": int(model.num_timesteps),
+        "wall_seconds": round(clock.seconds, 3),
+        "elapsed_seconds": round(clock.elapsed, 3),
+        "steps_per_second": model.num_timesteps / max(clock.seconds, 1e-9),
+        "final_eval": {k: final[k] for k in ("timesteps", "mean_return", "std_return")}
+        | {"episodes": len(final["returns"]), "mean_length": float(np.mean(final["lengths"]))},
+        "best_mean_return": evaluator.best_mean_reward
+        if math.isfinite(evaluator.best_mean_reward) else None,
+        "vae": None if record is None else {
+            k: record.get(k) for k in ("kind", "path", "checkpoint", "weights_hash")
+        },
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return out

@@ -1,0 +1,158 @@
+"""train-agent: every algorithm in every obs mode, run folder contents, resume, clear errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from agent_testing import PIXEL_SIZE, SIZE, agent_config, make_vae_run
+
+from agents import train
+from agents.extractor import vae_extractors
+from agents.runs import algo_class, load_model
+from worldmodel.errors import UserError
+from worldmodel.io import read_json, read_jsonl
+from worldmodel.vae import load_vae
+
+Z = 6
+MODES = ["pixel", "latent", "latent-finetune", "random-encoder"]
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_vae_run(tmp_path_factory.mktemp("vae") / "run")
+
+
+@pytest.mark.parametrize("algo", ["PPO", "A2C", "SAC", "TD3", "DQN"])
+@pytest.mark.parametrize("mode", MODES)
+def test_each_algo_trains_in_each_obs_mode(
+    algo: str, mode: str, vae_run: Path, tmp_path: Path
+) -> None:
+    cfg = agent_config(mode, algo, timesteps=96)
+    out = train.run(cfg, tmp_path / "run", vae=None if mode == "pixel" else vae_run)
+    summary = read_json(out / "summary.json")
+    assert summary["timesteps"] >= 96 and summary["obs_mode"] == mode
+    assert summary["steps_per_second"] > 0 and summary["wall_seconds"] > 0
+    records = read_jsonl(out / "evaluations.jsonl")
+    assert records[0]["timesteps"] >= 64 and len(records[-1]["returns"]) == 2
+    assert records[-1]["timesteps"] == summary["timesteps"]
+    seconds = [r["wall_seconds"] for r in records]
+    assert seconds == sorted(seconds) and all(s > 0 for s in seconds)
+    for name in ("config.yaml", "last.zip", "best_model.zip", "train_state.json", "progress.csv"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*"))
+    model = load_model(out, cfg, out / "last.zip")
+    space = model.observation_space.shape
+    if mode in ("latent", "random-encoder"):
+        assert space == (2 * Z,)
+    else:
+        size = PIXEL_SIZE if mode == "pixel" else SIZE
+        assert space == (6, size, size)  # two stacked RGB frames, channels first
+    assert (out / "vae.json").is_file() == (mode != "pixel")
+    if algo in ("SAC", "TD3", "DQN"):
+        assert (out / "replay_buffer.pkl").is_file()
+
+
+def test_finetune_trains_the_encoder_and_latent_mode_leaves_the_vae_alone(
+    vae_run: Path, tmp_path: Path
+) -> None:
+    vae_state = load_vae(vae_run).model.state_dict()
+    cfg = agent_config("latent-finetune", timesteps=128,
+                       hyperparams={"n_steps": 32, "batch_size": 32, "n_epochs": 2,
+                                    "learning_rate": 1e-3})
+    out = train.run(cfg, tmp_path / "ft", vae=vae_run)
+    (extractor,) = vae_extractors(load_model(out, cfg, out / "last.zip").policy)
+    changed = [name for name, t in extractor.state_dict().items()
+               if not torch.allclose(t, vae_state[name])]
+    assert {"encoder.0.weight", "fc_mu.weight"} <= set(changed)
+
+    record = read_json(out / "vae.json")
+    assert record["weights_hash"] == load_vae(vae_run).weights_hash
+    out = train.run(agent_config("latent", timesteps=128), tmp_path / "lat", vae=vae_run)
+    assert load_vae(vae_run).weights_hash == record["weights_hash"]  # frozen VAE untouched
+    assert read_json(out / "vae.json")["path"] == str(vae_run.resolve())
+
+
+def test_resume_continues_the_step_count(vae_run: Path, tmp_path: Path) -> None:
+    out = train.run(agent_config("latent", timesteps=128), tmp_path / "run", vae=vae_run)
+    first = read_json(out / "summary.json")
+    assert first["timesteps"] == 128
+    with pytest.raises(UserError, match="pass --resume"):
+        train.run(agent_config("latent", timesteps=256), out, vae=vae_run)
+    train.run(agent_config("latent", timesteps=256), out, vae=vae_run, resume=True)
+    second = read_json(out / "summary.json")
+    assert second["timesteps"] == 256
+    assert second["wall_seconds"] > first["wall_seconds"]
+    steps = [r["timesteps"] for r in read_jsonl(out / "evaluations.jsonl")]
+    assert steps == [64, 128, 192, 256]
+    assert (out / "progress_1.csv").is_file()  # the first session's CSV is kept
+    assert load_model(out, agent_config("latent"), out / "last.zip").num_timesteps == 256
+    with pytest.raises(UserError, match=r"differ from .*agent.history"):
+        train.run(agent_config("latent", "PPO", "agent.history=3", timesteps=384), out,
+                  vae=vae_run, resume=True)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train.run(agent_config("latent"), tmp_path / "empty", vae=vae_run, resume=True)
+
+
+def test_one_seed_one_result(vae_run: Path, tmp_path: Path) -> None:
+    a = train.run(agent_config("random-encoder"), tmp_path / "a", vae=vae_run)
+    b = train.run(agent_config("random-encoder"), tmp_path / "b", vae=vae_run)
+    c = train.run(agent_config("random-encoder", "PPO", "seed=1"), tmp_path / "c", vae=vae_run)
+    ra, rb = (read_jsonl(p / "evaluations.jsonl") for p in (a, b))
+    assert [r["returns"] for r in ra] == [r["returns"] for r in rb]
+    va, vb, vc = (read_json(p / "vae.json") for p in (a, b, c))
+    assert va["weights_hash"] == vb["weights_hash"] != vc["weights_hash"]
+    assert va["weights_hash"] != load_vae(vae_run).weights_hash  # untrained, not the VAE's
+    assert va["kind"] == "random" and va["latent_dim"] == Z  # architecture of the --vae run
+
+
+def test_random_encoder_without_vae_uses_cfg_vae(tmp_path: Path) -> None:
+    cfg = agent_config("random-encoder", "PPO", "vae.latent_dim=3")
+    out = train.run(cfg, tmp_path / "run")
+    assert load_model(out, cfg, out / "last.zip").observation_space.shape == (6,)
+    assert read_json(out / "vae.json")["architecture_from"] is None
+
+
+def test_clear_errors(vae_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="needs a trained VAE: pass --vae"):
+        train.run(agent_config("latent"), tmp_path / "a")
+    with pytest.raises(UserError, match="needs a trained VAE"):
+        train.run(agent_config("latent-finetune"), tmp_path / "b")
+    with pytest.raises(UserError, match=r"takes 32x32x3 frames .* gives 64x64x3"):
+        train.run(agent_config("latent", size=64), tmp_path / "c", vae=vae_run)
+    with pytest.raises(UserError, match=r"env\.grayscale=false"):
+        train.run(agent_config("latent", "PPO", "env.grayscale=true"), tmp_path / "d",
+                  vae=vae_run)
+    with pytest.raises(UserError, match="SAC needs continuous"):
+        cfg = agent_config("latent", "SAC", "env.kwargs.continuous=false")
+        train.run(cfg, tmp_path / "e", vae=vae_run)
+    with pytest.raises(UserError, match="DQN needs discrete"):
+        cfg = agent_config("latent", "DQN", "env.kwargs.continuous=true")
+        train.run(cfg, tmp_path / "f", vae=vae_run)
+    with pytest.raises(UserError, match="n_stepz: unknown PPO argument"):
+        train.run(agent_config("latent", hyperparams={"n_stepz": 3}), tmp_path / "g",
+                  vae=vae_run)
+    with pytest.raises(UserError, match="rejected the settings"):
+        train.run(agent_config("latent", hyperparams={"n_steps": 32, "use_sde": True}),
+                  tmp_path / "h", vae=vae_run)
+
+
+def test_other_preprocessing_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    vae = make_vae_run(tmp_path / "vae", "env.frame_skip=2")
+    with caplog.at_level(logging.WARNING, logger="worldmodel"):
+        train.run(agent_config("latent", timesteps=64), tmp_path / "run", vae=vae)
+    assert "frame_skip: 2 vs 1" in caplog.text
+
+
+def test_normalize_reward_saves_its_statistics(vae_run: Path, tmp_path: Path) -> None:
+    cfg = agent_config("latent", "PPO", "agent.normalize_reward=true")
+    out = train.run(cfg, tmp_path / "run", vae=vae_run)
+    assert (out / "vecnormalize.pkl").is_file()
+    returns = read_jsonl(out / "evaluations.jsonl")[-1]["returns"]
+    assert all(-20 * 0.05 * np.sqrt(2) - 1e-6 <= r <= 1.0 for r in returns)  # raw env returns
+    assert algo_class("PPO").__name__ == "PPO"
