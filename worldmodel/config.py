@@ -123,10 +123,36 @@ class VAEConfig(Section):
     batch_size: int = Field(64, ge=1)
     steps: int | None = Field(2000, ge=1, description="Optimizer steps (or set epochs).")
     epochs: int | None = Field(None, ge=1, description="Passes over the training frames.")
-    val_every: int = Field(250, ge=1, description="Validate every N steps.")
+    val_every: int = Field(
+        250, ge=1, description="Validate (metrics, best.pt, last.pt) every N steps and at the end."
+    )
+    val_frames: int = Field(
+        2048, ge=1, description="Validation frames (a seeded sample of the held-out episodes)."
+    )
+    probe_frames: int = Field(
+        5000,
+        ge=0,
+        description="Frames per split (train/held-out episodes) for the representation metrics "
+        "(linear probe, KNN-MSE) on datasets with a true state; 0 turns them off.",
+    )
+    knn_k: int = Field(5, ge=1, description="Neighbours of the KNN-MSE metric.")
     log_every: int = Field(25, ge=1, description="Log training scalars every N steps.")
     image_every: int = Field(500, ge=1, description="Log an image grid every N steps.")
     device: Device = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data: Any) -> Any:
+        """Setting only ``epochs`` drops the default ``steps``."""
+        if isinstance(data, dict) and data.get("epochs") is not None and "steps" not in data:
+            data = {**data, "steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> VAEConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of vae.steps and vae.epochs")
+        return self
 
 
 class AgentConfig(Section):

@@ -1,0 +1,624 @@
+"""``worldmodel train-vae``: train the ConvVAE on a collected dataset.
+
+The run folder explains itself::
+
+    RUN/config.yaml      the resolved config (rebuilds the model: ``load_vae(RUN)``)
+    RUN/last.pt          model, optimizer, step, RNG state, best-so-far: what --resume reads
+    RUN/best.pt          the same, for the step with the lowest validation loss
+    RUN/metrics.jsonl    one JSON record per log / validation step (same keys as TensorBoard)
+    RUN/events.out.*     TensorBoard: vae/*, kl_per_dim/*, val/*, repr/*, image grids
+    RUN/summary.json     final validation metrics, representation metrics, speed, warnings
+
+Checkpoints are written at every validation (``vae.val_every`` steps and the last step), each
+atomically. A checkpoint holds everything the loop depends on: weights, Adam state, the step,
+and the torch RNG state (the only generator the loop draws from, for ``z`` samples). The data
+order is a function of ``(seed, epoch)`` (``FrameDataset.batches``), and ``step`` fixes the
+epoch and the batch within it, so ``--resume`` continues exactly where ``last.pt`` left off.
+
+Validation runs the model in eval mode (``z = mu``) on ``vae.val_frames`` frames sampled (seeded,
+once) from the held-out episodes; ``val/loss`` is the training loss with that deterministic ``z``.
+``active units`` counts latent dimensions whose batch-mean KL exceeds 0.01 nats.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from worldmodel.config import Config, load_run_config
+from worldmodel.errors import UserError
+from worldmodel.io import append_jsonl, atomic_write_json, read_jsonl
+from worldmodel.utils import progress_enabled, resolve_device, seed_everything
+from worldmodel.vae import (
+    ConvVAE,
+    LoadedVAE,
+    LossTerms,
+    build_vae,
+    frames_to_tensor,
+    load_checkpoint,
+    save_checkpoint,
+    vae_loss,
+)
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from worldmodel.data import FrameDataset
+    from worldmodel.dataset import DatasetReader
+    from worldmodel.metrics import ProbeData
+
+log = logging.getLogger("worldmodel")
+
+#: A latent dimension is "active" when its batch-mean KL exceeds this many nats.
+ACTIVE_KL_NATS = 0.01
+#: Validation MSE above this fraction of the mean-image MSE counts as "stuck at the mean image".
+MEAN_IMAGE_RATIO = 0.8
+#: Files of a run folder; a fresh run refuses a folder holding the checkpoints.
+CHECKPOINTS = ("last.pt", "best.pt")
+#: Settings that may change between a run and its --resume (everything else must match).
+RESUMABLE_CHANGES = frozenset({
+    "vae.steps", "vae.epochs", "vae.val_every", "vae.probe_frames",
+    "vae.knn_k", "vae.log_every", "vae.image_every", "vae.device",
+})
+#: Config sections that decide what a VAE run computes.
+RUN_SECTIONS = ("seed", "env", "vae", "data.val_fraction")
+IMAGES_IN_GRID = 8
+
+
+@dataclass
+class Progress:
+    """What the loop has done so far (saved in every checkpoint)."""
+
+    step: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    train_seconds: float = 0.0  # time spent in training steps, over all sessions
+    wall_seconds: float = 0.0  # total time, over all sessions
+
+
+@dataclass
+class Window:
+    """Sums of the training terms since the last log line."""
+
+    steps: int = 0
+    loss: float = 0.0
+    recon: float = 0.0
+    kl: float = 0.0
+    kl_per_dim: torch.Tensor | None = None
+
+    def add(self, terms: LossTerms) -> None:
+        """Accumulate one step's terms."""
+        self.steps += 1
+        self.loss += terms.loss.item()
+        self.recon += terms.recon.item()
+        self.kl += terms.kl.item()
+        kl = terms.kl_per_dim.detach()
+        self.kl_per_dim = kl.clone() if self.kl_per_dim is None else self.kl_per_dim + kl
+
+    def means(self) -> tuple[dict[str, float], np.ndarray]:
+        """The window's mean scalars and mean KL per latent dimension ``(Z,)``."""
+        n = max(self.steps, 1)
+        kl_dims = (self.kl_per_dim / n).cpu().numpy() if self.kl_per_dim is not None else None
+        scalars = {"vae/loss": self.loss / n, "vae/recon": self.recon / n, "vae/kl": self.kl / n}
+        if kl_dims is not None:
+            scalars["vae/active_units"] = float((kl_dims > ACTIVE_KL_NATS).sum())
+        return scalars, kl_dims if kl_dims is not None else np.zeros(0)
+
+
+class RunLog:
+    """TensorBoard and ``metrics.jsonl``, written side by side with the same keys.
+
+    :param out: the run folder.
+    :param purge_step: on resume, the checkpoint's step: later records (of the interrupted
+        session) are dropped from both logs so that they are not shown twice.
+    """
+
+    def __init__(self, out: Path, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out / "metrics.jsonl"
+        if purge_step is not None and self.path.exists():
+            from worldmodel.io import atomic_write_text
+
+            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= purge_step]
+            atomic_write_text(self.path, "".join(_json_line(r) for r in keep))
+        self.writer: SummaryWriter = SummaryWriter(str(out), purge_step=purge_step)
+
+    def record(self, step: int, values: dict[str, Any]) -> None:
+        """Scalars (and lists, jsonl only) at ``step``."""
+        for key, value in values.items():
+            if isinstance(value, int | float):
+                self.writer.add_scalar(key, value, step)
+        append_jsonl(self.path, {"step": step, "time": time.time(), **values})
+
+    def kl_per_dim(self, step: int, kl: np.ndarray, prefix: str = "kl_per_dim") -> None:
+        """One scalar per latent dimension and a histogram (TensorBoard only)."""
+        for j, value in enumerate(kl):
+            self.writer.add_scalar(f"{prefix}/{j:02d}", float(value), step)
+        self.writer.add_histogram(f"{prefix}/histogram", kl, step)
+
+    def image(self, step: int, tag: str, grid: np.ndarray) -> None:
+        """A uint8 ``(H, W, C)`` image."""
+        self.writer.add_image(tag, grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        """Flush and close TensorBoard's file."""
+        self.writer.close()
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record, default=float) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before training
+
+
+def check_dataset(reader: DatasetReader, cfg: Config, data: Path) -> None:
+    """Refuse a dataset whose frames do not fit the model ``cfg`` describes (``UserError``)."""
+    want = cfg.env.obs_shape
+    if tuple(reader.frame_shape) != want:
+        h, w, c = reader.frame_shape
+        raise UserError(
+            f"dataset {data} has {h}x{w}x{c} frames but the config's env (image_size="
+            f"{cfg.env.image_size}, grayscale={cfg.env.grayscale}) gives {want[0]}x{want[1]}x"
+            f"{want[2]}; use the config the dataset was collected with or --set "
+            f"env.image_size={h} env.grayscale={str(c == 1).lower()}"
+        )
+    stored = reader.manifest.get("preprocessing")
+    if isinstance(stored, dict):
+        ours = cfg.env.model_dump(mode="json", include=set(stored))
+        differ = sorted(k for k in stored if ours.get(k) != stored[k])
+        if differ:
+            log.warning("dataset %s was collected with other env settings (%s) than this config",
+                        data, ", ".join(f"{k}={stored[k]!r}" for k in differ))
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name in ("env", "vae", "data"):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def resume_mismatches(old: Config, new: Config) -> list[str]:
+    """Settings that differ between a run's saved config and the one resuming it."""
+    a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    keys = [k for k in a if k.startswith(RUN_SECTIONS) and k not in RESUMABLE_CHANGES]
+    return [f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in keys if a[k] != b.get(k)]
+
+
+def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> dict[str, Any] | None:
+    """Create or reopen the run folder; the checkpoint to resume from, or ``None``.
+
+    :raise UserError: a fresh run into a folder with checkpoints, or a resume with other
+        settings than the run was started with.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run")
+    has_checkpoint = any((out / name).exists() for name in CHECKPOINTS)
+    if has_checkpoint and not resume:
+        raise UserError(
+            f"{out} already holds a VAE run (last.pt/best.pt); pass --resume to continue it or "
+            "pick another --out"
+        )
+    checkpoint = None
+    if resume and (out / "last.pt").exists():
+        differ = resume_mismatches(load_run_config(out), cfg)
+        if differ:
+            raise UserError(
+                f"cannot resume {out} with other settings ({'; '.join(differ)}); only "
+                "vae.steps/epochs and logging settings may change"
+            )
+        checkpoint = load_checkpoint(out / "last.pt")
+        log.info("resuming %s from step %d", out, checkpoint["step"])
+    elif resume:
+        log.info("%s has no last.pt: starting a fresh run", out)
+    if checkpoint is None:  # a fresh start: drop the logs of an attempt that never checkpointed
+        for stale in ("metrics.jsonl", "summary.json", *(p.name for p in out.glob("events.*"))):
+            (out / stale).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    return checkpoint
+
+
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    """``vae.steps``, or ``vae.epochs`` passes over the training split."""
+    return cfg.vae.steps if cfg.vae.steps is not None else int(cfg.vae.epochs or 1) * (
+        batches_per_epoch
+    )
+
+
+def batch_stream(dataset: FrameDataset, step: int) -> Iterator[np.ndarray]:
+    """Training batches from optimizer step ``step`` on, epoch after epoch, without end.
+
+    :return: uint8 ``(B, H, W, C)`` batches; batch ``i`` of epoch ``e`` is step
+        ``e * len(dataset) + i``.
+    """
+    epoch, start = divmod(step, len(dataset))
+    while True:
+        yield from dataset.batches(epoch, start)
+        epoch, start = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------
+# Validation, metrics and checkpoints
+
+
+@dataclass
+class Held:
+    """Held-out data, loaded once.
+
+    :param frames: ``(N, H, W, C)`` uint8 validation frames.
+    :param mean_image_mse: MSE per pixel of predicting the training mean image for them.
+    :param probe_train: training-episode frames with states, for the representation metrics.
+    :param probe_test: held-out-episode frames with states.
+    :param state_names: names of the state components.
+    """
+
+    frames: np.ndarray
+    mean_image_mse: float
+    probe_train: ProbeData | None = None
+    probe_test: ProbeData | None = None
+    state_names: list[str] = field(default_factory=list)
+    baseline: dict[str, Any] | None = None
+
+
+def load_held_out(
+    reader: DatasetReader, train: FrameDataset, val: FrameDataset | None, cfg: Config
+) -> tuple[Held, list[str]]:
+    """Validation frames, the mean-image reference and the probe data; plus warnings.
+
+    :param val: the held-out split, or ``None`` when there is none (``data.val_fraction = 0``):
+        then validation uses training frames and the representation metrics are skipped.
+    """
+    warnings: list[str] = []
+    if val is None:
+        msg = "no held-out episodes (data.val_fraction = 0): validating on training frames, " \
+              "representation metrics skipped"
+        log.warning(msg)
+        warnings.append(msg)
+    frames = (val or train).sample(cfg.vae.val_frames, seed=cfg.seed)
+    mean = train.sample(2048, seed=cfg.seed + 1).mean(0, dtype=np.float64) / 255.0
+    mean_image_mse = float(np.mean(np.square(frames / 255.0 - mean)))
+    held = Held(frames, mean_image_mse)
+    if reader.has_state and cfg.vae.probe_frames > 0 and val is not None:
+        from worldmodel.metrics import load_probe_data
+
+        held.probe_train = load_probe_data(reader, train.episode_ids, cfg.vae.probe_frames,
+                                           cfg.seed)
+        held.probe_test = load_probe_data(reader, val.episode_ids, cfg.vae.probe_frames, cfg.seed)
+        dims = held.probe_test.states.shape[1]
+        names = reader.manifest.get("state_names")
+        if isinstance(names, list) and len(names) == dims:
+            held.state_names = [str(n) for n in names]
+        else:
+            held.state_names = [f"s{j}" for j in range(dims)]
+    return held, warnings
+
+
+@torch.no_grad()
+def validate(model: ConvVAE, frames: np.ndarray, cfg: Config, device: torch.device,
+             batch_size: int = 256) -> tuple[dict[str, float], np.ndarray]:
+    """Loss terms of the model in eval mode (``z = mu``) on ``frames``.
+
+    :param frames: ``(N, H, W, C)`` uint8.
+    :return: ``val/*`` scalars and the KL per latent dimension ``(Z,)``.
+    """
+    v = cfg.vae
+    model.eval()
+    totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "sq": 0.0}
+    kl_dims = torch.zeros(model.latent_dim, dtype=torch.float64)
+    for i in range(0, len(frames), batch_size):
+        x = frames_to_tensor(frames[i : i + batch_size], device)
+        out = model(x)
+        terms = vae_loss(out, x, v.beta, v.kl_tolerance, v.recon_loss)
+        n = len(x)
+        totals["loss"] += terms.loss.item() * n
+        totals["recon"] += terms.recon.item() * n
+        totals["kl"] += terms.kl.item() * n
+        totals["sq"] += (out.recon - x).square().sum().item()
+        kl_dims += terms.kl_per_dim.double().cpu() * n
+    model.train()
+    n = max(len(frames), 1)
+    kl = (kl_dims / n).numpy()
+    return {
+        "val/loss": totals["loss"] / n,
+        "val/recon": totals["recon"] / n,
+        "val/kl": totals["kl"] / n,
+        "val/mse_per_pixel": totals["sq"] / (n * int(np.prod(frames.shape[1:]))),
+        "val/active_units": float((kl > ACTIVE_KL_NATS).sum()),
+    }, kl
+
+
+def representation(model: ConvVAE, cfg: Config, held: Held) -> dict[str, Any] | None:
+    """Linear-probe R^2 and KNN-MSE of the model's mean latents (None without state)."""
+    if held.probe_train is None or held.probe_test is None:
+        return None
+    from worldmodel.metrics import representation_metrics
+
+    encoder = LoadedVAE(model, cfg)
+    result = representation_metrics(encoder.encode, held.probe_train, held.probe_test,
+                                     k=cfg.vae.knn_k, baseline=held.baseline, seed=cfg.seed)
+    model.train()
+    held.baseline = result["random_projection"]
+    result["state_names"] = held.state_names
+    return result
+
+
+def _repr_scalars(result: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard/jsonl scalars of a :func:`representation` result."""
+    names = result["state_names"]
+    rand = result["random_projection"]
+    out = {
+        "repr/probe_r2": result["probe_r2"]["mean"],
+        "repr/knn_mse": result["knn_mse"],
+        "repr/random_probe_r2": rand["probe_r2"]["mean"],
+        "repr/random_knn_mse": rand["knn_mse"],
+    }
+    for name, value in zip(names, result["probe_r2"]["per_dim"], strict=True):
+        out[f"repr/probe_r2_{name}"] = value
+    return out
+
+
+def image_grid(model: ConvVAE, cfg: Config, frames: np.ndarray) -> np.ndarray:
+    """Originals (top row) over their reconstructions (bottom row): uint8 ``(2H, n*W, C)``."""
+    recon = LoadedVAE(model, cfg).reconstruct(frames)
+    model.train()
+    top, bottom = np.concatenate(list(frames), axis=1), np.concatenate(list(recon), axis=1)
+    return np.concatenate([top, bottom], axis=0)
+
+
+def checkpoint_state(model: ConvVAE, opt: torch.optim.Optimizer, prog: Progress,
+                     cfg: Config, batches_per_epoch: int) -> dict[str, Any]:
+    """Everything ``--resume`` needs, as plain tensors and numbers (``weights_only``-loadable)."""
+    epoch, batch = divmod(prog.step, batches_per_epoch)
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "progress": asdict(prog),
+        "step": prog.step,
+        "epoch": epoch,
+        "batch_in_epoch": batch,
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config_digest": cfg.digest("seed", "env", "vae"),
+    }
+
+
+def restore(checkpoint: dict[str, Any], model: ConvVAE, opt: torch.optim.Optimizer) -> Progress:
+    """Load a checkpoint's weights, optimizer and RNG state; the progress it records."""
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng_torch"].cpu())
+    if checkpoint["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng_cuda"]])
+    return Progress(**checkpoint["progress"])
+
+
+def quality_warnings(val: dict[str, float], mean_image_mse: float) -> list[str]:
+    """The classic failure: no active latent, or reconstructions no better than the mean image."""
+    warnings = []
+    if val["val/active_units"] == 0:
+        warnings.append(
+            f"no active latent units (every latent's KL <= {ACTIVE_KL_NATS} nats): the VAE "
+            "ignores its input; train longer, raise vae.kl_tolerance or lower vae.beta"
+        )
+    if val["val/mse_per_pixel"] > MEAN_IMAGE_RATIO * mean_image_mse:
+        warnings.append(
+            f"reconstructions are stuck near the dataset's mean image (val MSE/pixel "
+            f"{val['val/mse_per_pixel']:.5f} vs {mean_image_mse:.5f} for the mean image): small "
+            "objects are probably lost; train longer, raise vae.kl_tolerance or lower vae.beta"
+        )
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Session:
+    """The pieces of one training session (built by :func:`run`)."""
+
+    cfg: Config
+    out: Path
+    model: ConvVAE
+    opt: torch.optim.Optimizer
+    device: torch.device
+    train: FrameDataset
+    held: Held
+    logger: RunLog
+    prog: Progress
+    total: int
+    warnings: list[str]
+    last_val: dict[str, float] = field(default_factory=dict)
+    last_kl: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    last_repr: dict[str, Any] | None = None
+    started: float = field(default_factory=time.perf_counter)
+    wall_base: float = 0.0  # wall seconds of earlier sessions
+
+    def update_wall(self) -> None:
+        """Count this session's time so far into ``prog.wall_seconds``."""
+        self.prog.wall_seconds = self.wall_base + time.perf_counter() - self.started
+
+
+def evaluate_and_checkpoint(s: Session) -> None:
+    """Validate, log, write ``last.pt`` and (when it improved) ``best.pt``."""
+    val, kl = validate(s.model, s.held.frames, s.cfg, s.device)
+    if not math.isfinite(val["val/loss"]):
+        raise _nan_error(s, "the validation loss")
+    rep = representation(s.model, s.cfg, s.held)
+    values: dict[str, Any] = {**val, "val/mean_image_mse": s.held.mean_image_mse,
+                              "val/kl_per_dim": kl.tolist()}
+    if rep is not None:
+        values.update(_repr_scalars(rep))
+    s.logger.record(s.prog.step, values)
+    s.logger.kl_per_dim(s.prog.step, kl, "val_kl_per_dim")
+    s.last_val, s.last_kl, s.last_repr = val, kl, rep
+    improved = val["val/loss"] < s.prog.best_val_loss
+    if improved:
+        s.prog.best_val_loss, s.prog.best_step = val["val/loss"], s.prog.step
+    s.update_wall()
+    state = checkpoint_state(s.model, s.opt, s.prog, s.cfg, len(s.train))
+    save_checkpoint(s.out / "last.pt", state)
+    if improved:
+        save_checkpoint(s.out / "best.pt", state)
+
+
+def _nan_error(s: Session, what: str) -> UserError:
+    last = s.out / "last.pt"
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
+    return UserError(
+        f"{what} became NaN/inf at step {s.prog.step}; training stopped and {kept}; lower "
+        f"vae.lr (now {s.cfg.vae.lr:g})", exit_code=1,
+    )
+
+
+def train_loop(s: Session) -> None:
+    """Optimise until ``s.total`` steps: forward, loss, backward, step, log, validate."""
+    from tqdm import tqdm
+
+    v, model, opt = s.cfg.vae, s.model, s.opt
+    window = Window()
+    bar = tqdm(total=s.total, initial=s.prog.step, unit="step", desc="train-vae",
+               disable=not progress_enabled(), dynamic_ncols=True)
+    model.train()
+    tick = time.perf_counter()
+    batches = batch_stream(s.train, s.prog.step)
+    while s.prog.step < s.total:
+        x = frames_to_tensor(next(batches), s.device)
+        terms = vae_loss(model(x), x, v.beta, v.kl_tolerance, v.recon_loss)
+        if not math.isfinite(terms.loss.item()):
+            raise _nan_error(s, "the training loss")
+        opt.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        opt.step()
+        s.prog.step += 1
+        window.add(terms)
+        bar.update()
+
+        step = s.prog.step
+        if step % v.log_every == 0 or step % v.val_every == 0 or step == s.total:
+            now = time.perf_counter()
+            s.prog.train_seconds += now - tick
+            scalars, kl = window.means()
+            window = Window()
+            scalars["time/frames_per_second"] = step * v.batch_size / max(s.prog.train_seconds,
+                                                                          1e-9)
+            s.logger.record(step, {**scalars, "vae/kl_per_dim": kl.tolist()})
+            s.logger.kl_per_dim(step, kl)
+            bar.set_postfix(loss=f"{scalars['vae/loss']:.1f}", kl=f"{scalars['vae/kl']:.1f}")
+            if step % v.image_every == 0:
+                grid = image_grid(model, s.cfg, s.held.frames[:IMAGES_IN_GRID])
+                s.logger.image(step, "vae/reconstructions", grid)
+            if step % v.val_every == 0 or step == s.total:
+                evaluate_and_checkpoint(s)
+            tick = time.perf_counter()  # validation and logging are not training time
+    bar.close()
+
+
+def write_summary(s: Session, data: Path) -> dict[str, Any]:
+    """``summary.json``: the final model's validation and representation metrics, speed."""
+    warnings = s.warnings + quality_warnings(s.last_val, s.held.mean_image_mse)
+    for w in warnings:
+        log.warning("%s", w)
+    v = s.cfg.vae
+    summary: dict[str, Any] = {
+        "steps": s.prog.step,
+        "epochs": s.prog.step * v.batch_size / max(s.train.num_frames, 1),
+        "frames_per_second": s.prog.step * v.batch_size / max(s.prog.train_seconds, 1e-9),
+        "train_seconds": s.prog.train_seconds,
+        "wall_seconds": s.prog.wall_seconds,
+        "device": str(s.device),
+        "threads": torch.get_num_threads(),
+        "val_mse_per_pixel": s.last_val["val/mse_per_pixel"],
+        "val_kl": s.last_val["val/kl"],
+        "val_loss": s.last_val["val/loss"],
+        "active_units": int(s.last_val["val/active_units"]),
+        "active_units_threshold_nats": ACTIVE_KL_NATS,
+        "kl_per_dim": [float(k) for k in s.last_kl],
+        "mean_image_mse": s.held.mean_image_mse,
+        "best": {"step": s.prog.best_step, "val_loss": s.prog.best_val_loss},
+        "representation": s.last_repr,
+        "dataset": {
+            "path": str(data),
+            "train_frames": s.train.num_frames,
+            "train_episodes": len(s.train.episode_ids),
+            "val_frames": len(s.held.frames),
+        },
+        "warnings": warnings,
+    }
+    atomic_write_json(s.out / "summary.json", summary)
+    return summary
+
+
+def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
+    """Train a ConvVAE on the dataset ``data`` into the run folder ``out``.
+
+    :param cfg: the run config (``env`` fixes the input shape, ``vae`` everything else).
+    :param data: a dataset folder written by ``worldmodel collect``.
+    :param out: the run folder (see the module docstring for its files).
+    :param resume: continue from ``out/last.pt`` (a fresh start when there is none).
+    :return: ``out``.
+    """
+    from worldmodel.data import FrameDataset
+    from worldmodel.dataset import open_dataset
+
+    started = time.perf_counter()
+    data, out = Path(data), Path(out)
+    reader = open_dataset(data)
+    check_dataset(reader, cfg, data)
+    checkpoint = prepare_run_dir(out, cfg, resume)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.vae.device)
+    d = cfg.data
+    train = FrameDataset(data, "train", batch_size=cfg.vae.batch_size, seed=cfg.seed,
+                         val_fraction=d.val_fraction, cache_bytes=d.cache_bytes,
+                         workers=d.loader_workers)
+    val = None
+    if d.val_fraction > 0:
+        val = FrameDataset(data, "val", batch_size=256, seed=cfg.seed, drop_last=False,
+                           val_fraction=d.val_fraction, cache_bytes=d.cache_bytes, workers=0)
+    held, warnings = load_held_out(reader, train, val, cfg)
+    model = build_vae(cfg.vae, cfg.env).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.vae.lr)
+    prog = restore(checkpoint, model, opt) if checkpoint is not None else Progress()
+    total = total_steps(cfg, len(train))
+    log.info("train-vae: %d frames (%d episodes), %d steps of %d on %s, run %s",
+             train.num_frames, len(train.episode_ids), total, cfg.vae.batch_size, device, out)
+    logger = RunLog(out, purge_step=prog.step if checkpoint is not None else None)
+    s = Session(cfg, out, model, opt, device, train, held, logger, prog, total, warnings,
+                started=started, wall_base=prog.wall_seconds)
+    try:
+        if prog.step < total:
+            train_loop(s)
+        elif not s.last_val:
+            log.info("%s already trained %d of %d steps", out, prog.step, total)
+        if not s.last_val:  # nothing trained in this session: validate what we have
+            s.last_val, s.last_kl = validate(model, held.frames, cfg, device)
+            s.last_repr = representation(model, cfg, held)
+        s.update_wall()
+        summary = write_summary(s, data)
+    finally:
+        logger.close()
+    rep = summary["representation"]
+    probe = f", probe R^2 {rep['probe_r2']['mean']:.3f}" if rep else ""
+    log.info("train-vae done: val MSE/pixel %.5f, KL %.2f, %d active units%s, %.0f frames/s",
+             summary["val_mse_per_pixel"], summary["val_kl"], summary["active_units"], probe,
+             summary["frames_per_second"])
+    return out
