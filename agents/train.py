@@ -89,7 +89,8 @@ class Clock:
     def __init__(self, seconds: float = 0.0, elapsed: float = 0.0) -> None:
         self._before, self._elapsed_before = seconds, elapsed
         self._start = time.perf_counter()
-        self._paused = 0.0
+        self._paused = 0.0  # finished pauses
+        self._pause_start: float | None = None  # start of the current (outermost) pause
 
     @property
     def elapsed(self) -> float:
@@ -98,17 +99,23 @@ class Clock:
 
     @property
     def seconds(self) -> float:
-        """Training seconds, pauses excluded."""
-        return self._before + time.perf_counter() - self._start - self._paused
+        """Training seconds, pauses (including the current one) excluded."""
+        now = time.perf_counter()
+        current = now - self._pause_start if self._pause_start is not None else 0.0
+        return self._before + now - self._start - self._paused - current
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Time spent inside this block does not count as training time."""
-        t0 = time.perf_counter()
+        """Time spent inside this block does not count as training time (nesting is fine)."""
+        if self._pause_start is not None:
+            yield
+            return
+        self._pause_start = time.perf_counter()
         try:
             yield
         finally:
-            self._paused += time.perf_counter() - t0
+            self._paused += time.perf_counter() - self._pause_start
+            self._pause_start = None
 
 
 def save_model(model: BaseAlgorithm, path: Path) -> None:

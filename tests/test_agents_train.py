@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,17 @@ def test_normalize_reward_saves_its_statistics(vae_run: Path, tmp_path: Path) ->
     returns = read_jsonl(out / "evaluations.jsonl")[-1]["returns"]
     assert all(-20 * 0.05 * np.sqrt(2) - 1e-6 <= r <= 1.0 for r in returns)  # raw env returns
     assert algo_class("PPO").__name__ == "PPO"
+
+
+def test_clock_excludes_pauses_and_never_goes_back() -> None:
+    clock = train.Clock(seconds=10.0, elapsed=12.0)
+    readings = [clock.seconds]
+    with clock.paused():
+        time.sleep(0.05)
+        readings.append(clock.seconds)
+        with clock.paused():
+            time.sleep(0.02)
+        readings.append(clock.seconds)
+    readings.append(clock.seconds)
+    assert readings == sorted(readings)
+    assert readings[-1] - 10.0 < 0.05 and clock.elapsed - 12.0 >= 0.07
