@@ -420,6 +420,18 @@ def rewrite_shard_index(loc: Location, shard: str, episodes: list[dict[str, Any]
 # Reading
 
 
+class DamagedDataError(UserError):
+    """A chunk of the dataset cannot be decoded.
+
+    :param message: the one-line message for the user.
+    :param detail: what is damaged, without the dataset path (for ``data verify``).
+    """
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message, exit_code=1)
+        self.detail = detail
+
+
 def read_manifest(loc: Location) -> dict[str, Any]:
     """The manifest of a dataset, or a one-line ``UserError`` saying what is wrong."""
     if not loc.exists():
@@ -506,15 +518,16 @@ class DatasetReader:
             raise UserError(f"{self.loc}: shard {shard} has no array {name!r}") from None
 
     def read_range(self, shard: str, name: str, lo: int, hi: int) -> np.ndarray:
-        """Frames ``[lo, hi)`` of one array of a shard; ``UserError`` when the data is damaged."""
+        """Frames ``[lo, hi)`` of one array of a shard; :class:`DamagedDataError` when damaged."""
         try:
             return np.asarray(self.shard_array(shard, name)[lo:hi])
         except UserError:
             raise
         except Exception as e:  # decode errors of damaged chunks
-            raise UserError(
-                f"{self.loc}: shard {shard} {name}[{lo}:{hi}] is unreadable ({type(e).__name__}: "
-                f"{e}); run `worldmodel data verify {self.loc}`"
+            detail = f"{name}[{lo}:{hi}] is unreadable ({type(e).__name__}: {e})"
+            raise DamagedDataError(
+                f"{self.loc}: shard {shard} {detail}; run `worldmodel data verify {self.loc}`",
+                detail,
             ) from e
 
     def _read_entry(self, entry: dict[str, Any]) -> Episode:
@@ -615,8 +628,8 @@ def _check_episode(reader: DatasetReader, entry: dict[str, Any]) -> list[str]:
     problems = []
     try:
         ep = reader._read_entry(entry)
-    except UserError as e:
-        return [str(e).split(": ", 1)[-1]]
+    except DamagedDataError as e:
+        return [e.detail]
     length = int(entry["length"])
     for name, (shape, dtype) in reader.layout.fields().items():
         arr = getattr(ep, name)
