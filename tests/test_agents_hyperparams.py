@@ -84,3 +84,19 @@ def test_unknown_and_zoo_only_keys_are_one_line_user_errors() -> None:
     assert parse_hyperparams({"exploration_fraction": 0.1}, DQN) == {"exploration_fraction": 0.1}
     with pytest.raises(UserError, match="lin_"):
         parse_hyperparams({"learning_rate": "fast"}, PPO)
+
+
+@pytest.mark.parametrize("name", ["carracing", "pong", "breakout"])
+def test_shipped_configs_give_valid_sb3_arguments(name: str) -> None:
+    from pathlib import Path
+
+    from agents.runs import algo_class
+    from worldmodel.config import resolve_config
+
+    cfg = resolve_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    kw = parse_hyperparams(cfg.agent.hyperparams, algo_class(cfg.agent.algo))
+    assert callable(kw["learning_rate"]) and cfg.env.image_size == 64 and cfg.env.grayscale
+    assert cfg.agent.history == (2 if name == "carracing" else 4)
+    assert cfg.env.frame_skip == (2 if name == "carracing" else 4)
+    if name == "carracing":
+        assert kw["use_sde"] and kw["policy_kwargs"]["activation_fn"] is torch.nn.GELU
