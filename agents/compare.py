@@ -12,9 +12,10 @@ Outputs in the report folder: ``report.md`` (tables and plots), ``report.json`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,12 +167,23 @@ def random_baseline(cfg: Config, episodes: int, seed: int) -> np.ndarray:
     return np.asarray(returns)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _bootstrap(
     score_dict: dict[str, Any], func: Callable[..., np.ndarray], cfg: CompareConfig, seed: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     from rliable import library as rly
 
-    with warnings.catch_warnings():  # rliable passes arch a RandomState, which arch deprecates
+    # rliable passes arch a RandomState, which arch deprecates; it also logs each group at INFO
+    # on the root logger.
+    with warnings.catch_warnings(), _quiet_root_logger():
         warnings.simplefilter("ignore", FutureWarning)
         return rly.get_interval_estimates(
             score_dict,
@@ -328,15 +340,11 @@ def _fmt(values: list[float]) -> str:
 
 
 def _probe_r2(vae: dict[str, Any] | None) -> float | None:
-    if not vae:
+    """Mean linear-probe R^2 from the VAE run's ``summary.json`` (``representation.probe_r2``)."""
+    try:
+        return float(vae["summary"]["representation"]["probe_r2"]["mean"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
         return None
-    summary = vae.get("summary", {})
-    for key in ("probe_r2", "linear_probe_r2"):
-        if key in summary:
-            return float(summary[key])
-        if key in summary.get("metrics", {}):
-            return float(summary["metrics"][key])
-    return None
 
 
 def _verdicts(stats: dict[str, Any]) -> list[str]:

@@ -10,10 +10,11 @@ Each stage writes its own sub-folder of the pipeline folder::
     OUT/visualize/                   visualize (the VAE's pictures)
 
 Caching: a stage's key hashes the config sections it reads plus the keys of the stages it reads
-from. A finished stage writes ``.stage.json`` with its key; re-running skips it when the key is
-unchanged. A changed key reruns that stage and, through the chained keys, every stage after it
-(the stale output is kept once as ``NAME.previous``). A stage that was interrupted has only
-``.stage-started.json`` with its key, and resumes from its checkpoints.
+from. A finished stage gets a stamp ``.NAME.done.json`` beside its folder with its key;
+re-running skips it when the key is unchanged. A changed key reruns that stage and, through the
+chained keys, every stage after it (the stale output is kept once as ``NAME.previous``). A stage
+that was interrupted has only ``.NAME.started.json`` with its key, and resumes from its
+checkpoints.
 
 This module sits on top with the CLI: it is the only core module that calls into ``agents``.
 """
@@ -39,8 +40,6 @@ from worldmodel.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-STAMP = ".stage.json"
-STARTED = ".stage-started.json"
 #: Modes whose agents read the trained VAE (random-encoder only borrows its architecture).
 USES_VAE_WEIGHTS = ("latent", "latent-finetune")
 
@@ -52,6 +51,11 @@ def stage_key(cfg: Config, sections: tuple[str, ...], *parents: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _stamp(folder: Path, state: str) -> Path:
+    """The stamp file beside a stage folder (stages own their folders; stamps stay outside)."""
+    return folder.with_name(f".{folder.name}.{state}.json")
+
+
 def _stamped_key(path: Path) -> str | None:
     try:
         return str(read_json(path).get("key"))
@@ -61,14 +65,16 @@ def _stamped_key(path: Path) -> str | None:
 
 def is_done(folder: Path, key: str) -> bool:
     """Whether ``folder`` holds a finished stage with this key."""
-    return _stamped_key(folder / STAMP) == key
+    return _stamped_key(_stamp(folder, "done")) == key
 
 
 def mark_done(folder: Path, key: str, stage: str, seconds: float) -> None:
     """Record that the stage in ``folder`` finished with ``key``."""
-    atomic_write_json(folder / STAMP, {"stage": stage, "key": key, "seconds": round(seconds, 1),
-                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    (folder / STARTED).unlink(missing_ok=True)
+    atomic_write_json(_stamp(folder, "done"), {
+        "stage": stage, "key": key, "seconds": round(seconds, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+    _stamp(folder, "started").unlink(missing_ok=True)
 
 
 def prepare(folder: Path, key: str) -> bool:
@@ -79,14 +85,14 @@ def prepare(folder: Path, key: str) -> bool:
     """
     if is_done(folder, key):
         return True
-    keys = {_stamped_key(folder / STAMP), _stamped_key(folder / STARTED)} - {None}
+    keys = {_stamped_key(_stamp(folder, "done")), _stamped_key(_stamp(folder, "started"))} - {None}
     if folder.exists() and (keys - {key} or (not keys and any(folder.iterdir()))):
         backup = folder.with_name(folder.name + ".previous")
         shutil.rmtree(backup, ignore_errors=True)
         folder.rename(backup)
         log.info("%s: settings changed, previous output moved to %s", folder.name, backup.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / STARTED, {"key": key})
+    _stamp(folder, "done").unlink(missing_ok=True)
+    atomic_write_json(_stamp(folder, "started"), {"key": key})
     return False
 
 
