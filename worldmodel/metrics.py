@@ -60,28 +60,32 @@ class ProbeData(NamedTuple):
 def load_probe_data(
     reader: DatasetReader, episode_ids: Sequence[int], max_frames: int, seed: int = 0
 ) -> ProbeData:
-    """Whole episodes, in a seeded random order, until ``max_frames`` frames are gathered.
+    """Up to ``max_frames`` frames spread evenly over (a seeded sample of) the episodes.
 
-    :param reader: an open dataset with a state (``reader.has_state``).
+    Each episode gives an equal share of consecutive frames from a random offset (reading only
+    those, so the cost stays bounded on long episodes). Spreading matters: a state component
+    that is constant within an episode (Reach's target) takes one value per episode, so the
+    probe needs many episodes more than many frames.
+
+    :param reader: an open dataset with a state (``reader.has_state``; ``UserError`` otherwise).
     :param episode_ids: the episodes to draw from (ids, as in ``FrameDataset.episode_ids``).
-    :param max_frames: cap on the frames returned (the last episode is cut to fit).
-    :param seed: which episodes are drawn.
+    :param max_frames: cap on the frames returned.
+    :param seed: which episodes (when there are more than ``max_frames``) and frames are drawn.
     """
+    rng = np.random.default_rng(seed)
     position = {int(e): i for i, e in enumerate(reader.episode_ids)}
-    order = np.random.default_rng(seed).permutation(np.asarray(episode_ids, dtype=np.int64))
+    ids = rng.permutation(np.asarray(episode_ids, dtype=np.int64))[:max_frames]
+    index = reader.episode_index()
+    lengths = np.array([int(index[position[int(e)]]["length"]) for e in ids], dtype=np.int64)
+    # Frames per episode: an even share of max_frames, at most the episode's length.
+    share = np.minimum(lengths, max(1, max_frames // max(len(ids), 1)))
     frames, states, episodes = [], [], []
-    count = 0
-    for ep_id in order:
-        if count >= max_frames:
-            break
-        ep = reader.episode(position[int(ep_id)])
-        if ep.state is None:
-            raise ValueError("load_probe_data needs a dataset with a true state")
-        take = min(ep.length, max_frames - count)
-        frames.append(ep.obs[:take])
-        states.append(ep.state[:take])
-        episodes.append(np.full(take, ep_id, np.int64))
-        count += take
+    for ep_id, take, length in zip(ids, share, lengths, strict=True):
+        entry = index[position[int(ep_id)]]
+        lo = int(entry["start"]) + int(rng.integers(0, length - take + 1))
+        frames.append(reader.read_range(entry["shard"], "obs", lo, lo + int(take)))
+        states.append(reader.read_range(entry["shard"], "state", lo, lo + int(take)))
+        episodes.append(np.full(int(take), ep_id, np.int64))
     if not frames:
         h, w, c = reader.frame_shape
         s = reader.layout.state_shape or (0,)
