@@ -154,8 +154,8 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     committed = 0
     while committed == 0 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
-        for index in out.glob("shards/*.episodes.json"):
-            committed += len(json.loads(index.read_text())["episodes"])
+        for index in out.glob("shards/*.episodes.jsonl"):
+            committed += index.read_text().count("\n")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""

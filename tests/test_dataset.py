@@ -23,6 +23,7 @@ from worldmodel.dataset import (
     open_dataset,
     print_info,
     print_verify,
+    read_shard_index,
 )
 from worldmodel.errors import UserError
 
@@ -128,10 +129,10 @@ def test_open_errors_are_one_line_user_errors(data: Path, tmp_path: Path) -> Non
     with pytest.raises(UserError, match="no complete episodes"):
         open_dataset(empty)
     assert print_info(empty) == 0  # info still describes an empty dataset
-    index = broken / "shards" / "w0.episodes.json"
+    index = broken / "shards" / "w0.episodes.jsonl"
     shutil.copy(data / "manifest.json", broken / "manifest.json")
-    index.write_text("[")
-    with pytest.raises(UserError, match=r"w0\.episodes\.json is unreadable"):
+    index.write_text("{not an episode\n" + index.read_text())
+    with pytest.raises(UserError, match=r"w0\.episodes\.jsonl is unreadable \(line 1"):
         open_dataset(broken)
 
 
@@ -153,11 +154,17 @@ def test_uncommitted_tail_is_dropped_when_a_shard_is_reopened(tmp_path: Path) ->
     obs = writer.arrays["obs"]
     obs.resize((40, 4, 4, 1))
     obs[12:40] = 9
+    index = tmp_path / "shards" / "w0.episodes.jsonl"
+    with open(index, "a") as f:  # ... and an index append cut short
+        f.write('{"id": 2, "start": 12, "len')
+    assert [e["id"] for e in read_shard_index(loc, "w0")] == [0, 1]  # readers skip the torn line
     reopened = ShardWriter(loc, "w0", layout, worker=0)
     assert reopened.end == 12 and reopened.arrays["obs"].shape[0] == 12
+    assert index.read_text().endswith("}\n")  # the torn line is gone
     assert not (tmp_path / "shards" / "w0.zarr" / "obs" / "c" / "4").exists() or not any(
         (tmp_path / "shards" / "w0.zarr" / "obs" / "c" / "4").rglob("*.*"))
     entries = reopened.write([({"id": 2, "seed": 3}, episode(3, 3))])
     assert entries[0]["start"] == 12
+    assert [e["id"] for e in read_shard_index(loc, "w0")] == [0, 1, 2]
     np.testing.assert_array_equal(reopened.arrays["obs"][:], np.concatenate(
         [np.full((5, 4, 4, 1), 1), np.full((7, 4, 4, 1), 2), np.full((3, 4, 4, 1), 3)]))

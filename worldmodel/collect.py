@@ -294,7 +294,7 @@ class WorkerSpec:
     max_episode_steps: int | None
     layout: Layout
     commit_seconds: float
-    commit_bytes: int = 64 * 2**20
+    commit_bytes: int = 16 * 2**20  # below glibc's mmap threshold: buffers get reused
     make_policy: MakePolicy | None = None
     parent_pid: int | None = None
 
@@ -332,7 +332,9 @@ def _stack(spec: WorkerSpec, batch: list[tuple[dict[str, Any], _Steps]]) -> dict
     out: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in spec.layout.fields().items():
         flat = [x for _, ep in batch for x in getattr(ep, name)]
-        arr = np.asarray(flat, dtype=dtype)
+        # np.stack copies frames ~8x faster than np.asarray(list, dtype=...)
+        arr = np.stack(flat) if isinstance(flat[0], np.ndarray) else np.asarray(flat)
+        arr = arr.astype(dtype, copy=False)
         want = (len(flat), *shape)
         if arr.shape != want:
             if arr.size == math.prod(want):
@@ -402,9 +404,9 @@ def _make_worker_policy(spec: WorkerSpec, env: gym.Env[np.ndarray, Any]) -> Poli
 def collect_worker(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None:
     """Roll out the episode ids read from ``tasks`` (``None`` ends) into shard ``w{worker}``.
 
-    Messages to ``results``: ``("started", k)``, ``("steps", k, n)``, ``("finished", k, id,
-    length, unreported_steps)``, ``("committed", k, [entry, ...])``, ``("done", k, seconds)``,
-    or ``("error", k, is_user_error, text)``.
+    Messages to ``results``: ``("started", k)`` (ready, before the first episode),
+    ``("steps", k, n)``, ``("finished", k, id, length, unreported_steps)``, ``("committed", k,
+    [entry, ...])``, ``("done", k, busy_seconds)``, or ``("error", k, is_user_error, text)``.
     """
     k = spec.worker
     try:
@@ -670,11 +672,8 @@ class _Progress:
                         disable=not progress_enabled())
         self.frames = self.episodes = self.committed = 0
         self.start = time.monotonic()
-        self.first_step: float | None = None
 
     def steps(self, n: int) -> None:
-        if self.first_step is None:
-            self.first_step = time.monotonic()
         self.frames += n
         if self.by_frames:
             self.bar.update(n)
@@ -704,13 +703,16 @@ class _Job:
     specs: list[WorkerSpec]
     plan: _Plan
     progress: _Progress
-    done: dict[int, float] = field(default_factory=dict)  # worker -> busy seconds
+    started: dict[int, float] = field(default_factory=dict)  # worker -> time it was ready
+    done: dict[int, float] = field(default_factory=dict)  # worker -> time it finished
     stopped: bool = False
 
 
 def _handle(job: _Job, msg: tuple[Any, ...], tasks: QueueLike) -> None:
     kind, k = msg[0], msg[1]
-    if kind == "steps":
+    if kind == "started":
+        job.started[k] = time.monotonic()
+    elif kind == "steps":
         job.progress.steps(msg[2])
     elif kind == "finished":
         job.progress.steps(msg[4])
@@ -724,7 +726,7 @@ def _handle(job: _Job, msg: tuple[Any, ...], tasks: QueueLike) -> None:
     elif kind == "committed":
         job.progress.committed += len(msg[2])
     elif kind == "done":
-        job.done[k] = float(msg[2])
+        job.done[k] = time.monotonic()
     elif kind == "error":
         if msg[2]:
             raise UserError(msg[3])
@@ -920,7 +922,8 @@ def _finish(job: _Job, manifest: dict[str, Any], before: dict[int, int]) -> Path
     loc, progress = job.loc, job.progress
     now = _committed(loc, manifest["shards"])
     wall = time.monotonic() - progress.start
-    startup = (progress.first_step or progress.start) - progress.start
+    first = min(job.started.values(), default=progress.start)
+    active = max(max(job.done.values(), default=first) - first, 1e-9)
     frames = sum(now.values()) - sum(before.values())
     run_info = {
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -930,17 +933,17 @@ def _finish(job: _Job, manifest: dict[str, Any], before: dict[int, int]) -> Path
         "frames": frames,
         "frames_stepped": progress.frames,
         "seconds": round(wall, 3),
-        "startup_seconds": round(startup, 3),
-        "fps": round(progress.frames / max(wall, 1e-9), 1),
-        "steady_fps": round(progress.frames / max(wall - startup, 1e-9), 1),
+        "startup_seconds": round(first - progress.start, 3),
+        "active_seconds": round(active, 3),
+        "fps": round(progress.frames / active, 1),
     }
     manifest = read_manifest(loc)
     manifest["runs"] = [*manifest.get("runs", []), run_info]
     loc.write_json(manifest, MANIFEST)
     log.info(
-        "collect: +%d episodes, +%d frames in %.1f s (collect/fps %.0f, %.0f after %.1f s "
-        "start-up; %d worker(s)); dataset: %d episodes, %d frames -> %s",
-        run_info["episodes"], frames, wall, run_info["fps"], run_info["steady_fps"], startup,
+        "collect: +%d episodes, +%d frames in %.1f s (%.1f s start-up; collect/fps %.0f with %d "
+        "worker(s)); dataset: %d episodes, %d frames -> %s",
+        run_info["episodes"], frames, wall, first - progress.start, run_info["fps"],
         len(job.specs), len(now), sum(now.values()), loc,
     )
     return Path(loc.url)
