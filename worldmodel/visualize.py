@@ -1,0 +1,922 @@
+"""``worldmodel visualize``: pictures of what a trained VAE keeps and loses.
+
+``run(VAE_RUN, DATA, OUT)`` samples a bounded number of frames from the dataset (whole
+episodes drawn in a seeded order, at most ``max_frames`` frames), encodes them, and writes into
+``OUT`` (every file atomically):
+
+``reconstructions.png``
+    originals (upper row of each pair) over their reconstructions (lower row).
+``episode.mp4`` (``episode.gif`` when ffmpeg is missing)
+    one episode, original | reconstruction side by side, upscaled (nearest) for viewing.
+``kl.png``
+    the KL of each latent dimension (mean over the sample), sorted; dimensions near 0 nats are
+    unused ("inactive") by the decoder.
+``traversals.png``
+    rows = latent dimensions sorted by KL (most informative first, at most ``max_dims``),
+    columns = ``z_d = mu_d(frame) + k * std_d`` for ``k`` in ``-3 .. +3``, where ``std_d`` is
+    the standard deviation of ``mu_d`` over the sample and the other dimensions stay at the
+    real frame's ``mu``.
+``interpolation.png``
+    frame A, decodings of ``(1 - a) * mu_A + a * mu_B`` for ``a`` in ``[0, 1]``, frame B.
+``projection.png``
+    a 2-D projection of the latent means (PCA, t-SNE or UMAP), one panel per colouring:
+    reward, time step within the episode, and each true-state component when the dataset has
+    a state.
+``projector/``
+    a TensorBoard embedding-projector run (latents, sprite of the frames, metadata TSV):
+    ``tensorboard --logdir OUT`` shows it under the PROJECTOR tab.
+``visualize.json``
+    the numbers: sample size, KL per dimension, reconstruction error, representation metrics.
+``visualize.html``
+    one page with all of the above (images embedded as data URIs) and the VAE run's metrics.
+
+Example (a tiny untrained VAE on a 4-frame "dataset"):
+    >>> from worldmodel.config import resolve_config
+    >>> from worldmodel.vae import LoadedVAE, build_vae
+    >>> cfg = resolve_config(None, ["env.image_size=16", "vae.widths=[8]", "vae.latent_dim=3"])
+    >>> vae = LoadedVAE(build_vae(cfg.vae, cfg.env), cfg)
+    >>> post = posterior(vae, np.zeros((4, 16, 16, 3), np.uint8))
+    >>> post.mu.shape, kl_per_dim(post.mu, post.logvar).shape
+    ((4, 3), (3,))
+    >>> latent_traversals(vae, post.mu[0], np.ones(3), dims=[2, 0], steps=5).shape
+    (2, 5, 16, 16, 3)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from string import Template
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+
+from worldmodel.errors import UserError
+from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from worldmodel.dataset import DatasetReader
+    from worldmodel.vae import LoadedVAE
+
+log = logging.getLogger("worldmodel")
+
+Method = Literal["pca", "tsne", "umap"]
+
+__all__ = [
+    "Posterior",
+    "Sample",
+    "export_projector",
+    "interpolate",
+    "kl_per_dim",
+    "latent_traversals",
+    "load_inputs",
+    "png_bytes",
+    "posterior",
+    "project_2d",
+    "run",
+    "sample_frames",
+    "write_video",
+]
+
+#: A latent dimension whose mean KL exceeds this (nats) is "active" (train-vae's threshold).
+ACTIVE_KL_NATS = 0.01
+#: Grey used between tiles.
+PAD_VALUE = 128
+#: A sprite larger than this (pixels per side) is not shown by TensorBoard's projector.
+SPRITE_MAX_PX = 8192
+#: Video and HTML files up to this size are embedded into visualize.html as data URIs.
+EMBED_MAX_BYTES = 12 * 2**20
+
+
+class Sample(NamedTuple):
+    """Frames drawn from a dataset, with where they come from.
+
+    :param frames: ``(N, H, W, C)`` uint8.
+    :param episode: ``(N,)`` int64, the position of each frame's episode in the dataset
+        (``reader.episode(i)``).
+    :param t: ``(N,)`` int64, the step of each frame within its episode.
+    :param reward: ``(N,)`` float32, the reward of the action taken on each frame.
+    :param state: ``(N, S)`` float32 true state of each frame, or ``None``.
+    """
+
+    frames: np.ndarray
+    episode: np.ndarray
+    t: np.ndarray
+    reward: np.ndarray
+    state: np.ndarray | None
+
+
+class Posterior(NamedTuple):
+    """The encoder's posterior for a batch of frames.
+
+    :param mu: ``(N, Z)`` float32.
+    :param logvar: ``(N, Z)`` float32.
+    """
+
+    mu: np.ndarray
+    logvar: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_inputs(vae_run: Path, data: Path | None) -> tuple[LoadedVAE, DatasetReader | None]:
+    """Load a VAE run (``best.pt``, else ``last.pt``) and open a dataset that fits it.
+
+    :param vae_run: a ``worldmodel train-vae`` run folder.
+    :param data: a dataset folder, or ``None``.
+    :raises UserError: missing run or dataset, or frames of another shape than the VAE's.
+    """
+    from worldmodel.vae import load_vae
+
+    vae_run = Path(vae_run)
+    if not vae_run.is_dir():
+        raise UserError(f"VAE run {str(vae_run)!r} not found; pass a `worldmodel train-vae` "
+                        "run folder")
+    best = (vae_run / "best.pt").is_file() or not (vae_run / "last.pt").is_file()
+    vae = load_vae(vae_run, "best" if best else "last")
+    if data is None:
+        return vae, None
+    from worldmodel.dataset import open_dataset
+
+    if not Path(data).exists():
+        raise UserError(f"dataset {str(data)!r} not found; pass a folder written by "
+                        "`worldmodel collect`")
+    reader = open_dataset(data)
+    if tuple(reader.frame_shape) != tuple(vae.image_shape):
+        h, w, c = reader.frame_shape
+        vh, vw, vc = vae.image_shape
+        raise UserError(
+            f"{data} holds {h}x{w}x{c} frames but the VAE {vae_run} expects {vh}x{vw}x{vc} "
+            f"(env.image_size={vh}, grayscale={vc == 1}); use a dataset collected with the "
+            "VAE's env settings"
+        )
+    want, got = vae.config.env.id, reader.manifest.get("env_id")
+    if got is not None and got != want:
+        log.warning("visualize: the VAE was trained on %s but the dataset is from %s", want, got)
+    return vae, reader
+
+
+def sample_frames(
+    reader: DatasetReader, max_frames: int = 2000, seed: int = 0, max_episodes: int = 64
+) -> Sample:
+    """A bounded, seeded sample of frames spread over up to ``max_episodes`` episodes.
+
+    Episodes are drawn in a seeded random order; from each, up to
+    ``ceil(max_frames / episodes drawn)`` frames are taken at evenly spaced steps, until
+    ``max_frames`` frames are gathered. Only the drawn episodes are read.
+
+    :param reader: an open dataset.
+    :param max_frames: cap on the frames returned.
+    :param seed: which episodes (and so frames) are drawn.
+    :param max_episodes: cap on the episodes read.
+    """
+    rng = np.random.default_rng(seed)
+    n_eps = min(reader.num_episodes, max_episodes)
+    order = rng.permutation(reader.num_episodes)[:n_eps]
+    per_episode = max(1, math.ceil(max_frames / max(n_eps, 1)))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("frames", "episode", "t", "reward",
+                                                           "state")}
+    count = 0
+    for i in order:
+        if count >= max_frames:
+            break
+        ep = reader.episode(int(i))
+        take = min(ep.length, per_episode, max_frames - count)
+        steps = np.unique(np.linspace(0, ep.length - 1, take).round().astype(np.int64))
+        parts["frames"].append(ep.obs[steps])
+        parts["episode"].append(np.full(len(steps), int(i), np.int64))
+        parts["t"].append(steps)
+        parts["reward"].append(np.asarray(ep.reward[steps], np.float32))
+        if ep.state is not None:
+            parts["state"].append(np.asarray(ep.state[steps], np.float32).reshape(len(steps), -1))
+        count += len(steps)
+    cat = {k: np.concatenate(v) for k, v in parts.items() if v}
+    return Sample(cat["frames"], cat["episode"], cat["t"], cat["reward"], cat.get("state"))
+
+
+# --------------------------------------------------------------------------------------------
+# Latent computations
+
+
+def posterior(vae: LoadedVAE, frames: np.ndarray, batch_size: int = 256) -> Posterior:
+    """Posterior mean and log-variance of frames (no gradients, in batches).
+
+    :param vae: the loaded VAE.
+    :param frames: ``(N, H, W, C)`` uint8.
+    """
+    import torch
+
+    from worldmodel.vae import frames_to_tensor
+
+    vae.encode(frames[:1])  # shape/dtype check with the VAE's one-line errors
+    mus, logvars = [], []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch_size):
+            mu, logvar = vae.model.encode(frames_to_tensor(frames[i : i + batch_size],
+                                                           vae.device))
+            mus.append(mu.cpu().numpy())
+            logvars.append(logvar.cpu().numpy())
+    return Posterior(np.concatenate(mus).astype(np.float32),
+                     np.concatenate(logvars).astype(np.float32))
+
+
+def kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """Mean KL(q(z|x) || N(0, I)) of each latent dimension over frames, in nats.
+
+    :param mu: ``(N, Z)``; :param logvar: ``(N, Z)``.
+    :return: ``(Z,)`` float64.
+    """
+    mu64, lv = np.asarray(mu, np.float64), np.asarray(logvar, np.float64)
+    return np.asarray((-0.5 * (1.0 + lv - mu64**2 - np.exp(lv))).mean(0))
+
+
+def latent_traversals(
+    vae: LoadedVAE,
+    z0: np.ndarray,
+    std: np.ndarray,
+    dims: Sequence[int],
+    steps: int = 7,
+    span: float = 3.0,
+) -> np.ndarray:
+    """Decode sweeps of single latent dimensions around ``z0``.
+
+    :param vae: the loaded VAE.
+    :param z0: ``(Z,)`` the centre (a real frame's ``mu``).
+    :param std: ``(Z,)`` the sweep unit of each dimension.
+    :param dims: the dimensions to sweep, one output row each.
+    :param steps: values per dimension, evenly spaced over ``z0_d +- span * std_d``.
+    :return: ``(len(dims), steps, H, W, C)`` uint8.
+    """
+    offsets = np.linspace(-span, span, steps)
+    z = np.repeat(np.asarray(z0, np.float32)[None, None], len(dims), 0).repeat(steps, 1)
+    for row, d in enumerate(dims):
+        z[row, :, d] = z0[d] + offsets * std[d]
+    images = vae.decode(z.reshape(-1, z.shape[-1]))
+    return images.reshape(len(dims), steps, *images.shape[1:])
+
+
+def interpolate(vae: LoadedVAE, z_a: np.ndarray, z_b: np.ndarray, steps: int = 8) -> np.ndarray:
+    """Decode the straight line from ``z_a`` to ``z_b``.
+
+    :param z_a: ``(Z,)``; :param z_b: ``(Z,)``.
+    :return: ``(steps, H, W, C)`` uint8, ``steps`` evenly spaced points including both ends.
+    """
+    a = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
+    return vae.decode((1.0 - a) * z_a[None] + a * z_b[None])
+
+
+def project_2d(z: np.ndarray, method: Method = "pca", seed: int = 0) -> tuple[np.ndarray, str]:
+    """Project latents to 2-D.
+
+    :param z: ``(N, Z)`` latents.
+    :param method: ``pca`` (sklearn), ``tsne`` (sklearn) or ``umap`` (needs umap-learn).
+    :return: ``(N, 2)`` float32 coordinates and a one-line description of the projection.
+    """
+    z = np.asarray(z, np.float64)
+    if z.shape[1] == 1:  # nothing to project: plot the one dimension against zero
+        return np.c_[z, np.zeros_like(z)].astype(np.float32), "the single latent dimension"
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, random_state=seed)
+        xy = pca.fit_transform(z)
+        ev = pca.explained_variance_ratio_
+        return xy.astype(np.float32), f"PCA, explained variance {ev[0]:.0%} + {ev[1]:.0%}"
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3)))
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed
+                  ).fit_transform(z)
+        return xy.astype(np.float32), f"t-SNE, perplexity {perplexity:.0f}"
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise UserError("projection method umap needs umap-learn: "
+                            "`pip install umap-learn`, or use pca or tsne") from None
+        xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(z)
+        return np.asarray(xy, np.float32), "UMAP"
+    raise UserError(f"unknown projection method {method!r}; use pca, tsne or umap")
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def _rgb(images: np.ndarray) -> np.ndarray:
+    """``(..., H, W, 1 or 3)`` uint8 -> ``(..., H, W, 3)``."""
+    return np.repeat(images, 3, -1) if images.shape[-1] == 1 else images
+
+
+def _upscale(image: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of ``(..., H, W, C)`` by an integer factor."""
+    if scale == 1:
+        return image
+    return image.repeat(scale, -3).repeat(scale, -2)
+
+
+def _tile(grid: np.ndarray, pad: int = 2) -> np.ndarray:
+    """Tile ``(R, K, H, W, C)`` images into one ``(R*(H+pad)+pad, K*(W+pad)+pad, C)`` image."""
+    rows, cols, h, w, c = grid.shape
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), PAD_VALUE, np.uint8)
+    for r in range(rows):
+        for k in range(cols):
+            y, x = pad + r * (h + pad), pad + k * (w + pad)
+            out[y : y + h, x : x + w] = grid[r, k]
+    return out
+
+
+def _display_scale(size: int, target: int = 64) -> int:
+    """Integer factor that brings an image side up to about ``target`` pixels."""
+    return max(1, round(target / size))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG encoding of an ``(H, W, C)`` uint8 image (``C`` 1, 3 or 4)."""
+    import imageio.v3 as iio
+
+    img = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    return bytes(iio.imwrite("<bytes>", img, extension=".png"))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _figure(width_px: int, height_px: int, dpi: int = 100) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure_png(fig: Figure) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return buf.getvalue()
+
+
+def labeled_grid_png(
+    grid: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    scale: int = 1,
+) -> bytes:
+    """A tiled image grid with row labels on the left and column labels on top, as PNG.
+
+    The tiles are drawn pixel for pixel (upscaled by ``scale``, nearest), with margins for text.
+
+    :param grid: ``(R, K, H, W, C)`` uint8 images.
+    """
+    rows, cols = grid.shape[:2]
+    image = _tile(_upscale(_rgb(grid), scale))
+    label_w = 8 * max((len(s) for s in row_labels), default=0) + 16
+    top = 48 if col_labels else 28
+    width, height = image.shape[1] + label_w + 8, image.shape[0] + top + 8
+    fig = _figure(width, height)
+    ax = fig.add_axes((label_w / width, 8 / height, image.shape[1] / width,
+                       image.shape[0] / height))
+    ax.imshow(image, interpolation="nearest", aspect="auto")
+    cell_h, cell_w = (image.shape[0] - 2) / rows, (image.shape[1] - 2) / cols
+    ax.set_yticks([1 + cell_h * (r + 0.5) for r in range(rows)], list(row_labels), fontsize=8)
+    ax.set_xticks([1 + cell_w * (k + 0.5) for k in range(cols)], list(col_labels), fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.suptitle(title, fontsize=9, y=1 - 4 / height, va="top")
+    return _figure_png(fig)
+
+
+def _kl_png(kl: np.ndarray) -> bytes:
+    order = np.argsort(-kl)
+    fig = _figure(max(360, 14 * len(kl) + 120), 260)
+    ax = fig.add_subplot()
+    ax.bar(range(len(kl)), kl[order], color="tab:blue")
+    ax.set_xticks(range(len(kl)), [str(d) for d in order], fontsize=6, rotation=90)
+    ax.set_xlabel("latent dimension (sorted by KL)")
+    ax.set_ylabel("mean KL (nats)")
+    ax.set_title(f"KL per dimension, total {kl.sum():.2f} nats", fontsize=9)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def _projection_png(xy: np.ndarray, colours: dict[str, np.ndarray], title: str) -> bytes:
+    n = len(colours)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure(360 * cols, 320 * rows + 30)
+    size = float(np.clip(6000 / max(len(xy), 1), 4, 30))
+    for i, (name, values) in enumerate(colours.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=size, cmap="viridis",
+                            linewidths=0)
+        fig.colorbar(points, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_title(f"coloured by {name}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Video
+
+
+def _ffmpeg_available() -> bool:
+    try:
+        import imageio_ffmpeg
+
+        return bool(imageio_ffmpeg.get_ffmpeg_exe())
+    except (ImportError, RuntimeError, OSError):
+        return False
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, scale: int, gap: int = 8,
+                 block: int = 16) -> np.ndarray:
+    """Frames ``left | right``, upscaled and padded so both sides are multiples of ``block``.
+
+    :param left: ``(T, H, W, C)`` uint8; :param right: same shape.
+    :return: ``(T, H', W', 3)`` uint8.
+    """
+    t, h, w, _ = left.shape
+    hs, ws = h * scale, w * scale
+    height = math.ceil(hs / block) * block
+    width = math.ceil((2 * ws + gap) / block) * block
+    out = np.full((t, height, width, 3), PAD_VALUE, np.uint8)
+    out[:, :hs, :ws] = _upscale(_rgb(left), scale)
+    out[:, :hs, ws + gap : 2 * ws + gap] = _upscale(_rgb(right), scale)
+    return out
+
+
+def write_video(stem: Path, frames: np.ndarray, fps: int = 15) -> Path:
+    """Write frames as ``stem.mp4`` (H.264), or ``stem.gif`` when ffmpeg is missing.
+
+    :param stem: output path without suffix.
+    :param frames: ``(T, H, W, 3)`` uint8.
+    :return: the file written.
+    """
+    import imageio.v3 as iio
+
+    if _ffmpeg_available():
+        path = stem.with_suffix(".mp4")
+        data = iio.imwrite("<bytes>", frames, extension=".mp4", fps=fps, codec="libx264",
+                           macro_block_size=1, ffmpeg_log_level="error")
+    else:
+        log.warning("visualize: ffmpeg is not available (pip install imageio-ffmpeg); writing "
+                    "a GIF instead of an MP4")
+        path = stem.with_suffix(".gif")
+        data = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+    _write_bytes(path, bytes(data))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# TensorBoard projector
+
+
+def export_projector(
+    folder: Path,
+    latents: np.ndarray,
+    images: np.ndarray,
+    metadata: dict[str, np.ndarray],
+    tag: str = "vae_latents",
+) -> Path:
+    """Write a TensorBoard embedding-projector run into ``folder`` (replaced as a whole).
+
+    The run is written by ``SummaryWriter.add_embedding`` into a temporary sibling folder that
+    is then renamed over ``folder``, so readers never see a half-written projector.
+
+    :param latents: ``(N, Z)`` float32 points.
+    :param images: ``(N, H, W, C)`` uint8 thumbnails (the sprite).
+    :param metadata: column name -> ``(N,)`` values, written as ``metadata.tsv``.
+    :return: ``folder``.
+    """
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        writer = SummaryWriter(log_dir=str(tmp))
+        label_img = torch.from_numpy(np.ascontiguousarray(_rgb(images))).permute(0, 3, 1, 2)
+        header = list(metadata)
+        rows = [[_fmt_meta(metadata[k][i]) for k in header] for i in range(len(latents))]
+        writer.add_embedding(torch.from_numpy(np.asarray(latents, np.float32)),
+                             metadata=rows, metadata_header=header,
+                             label_img=label_img.float() / 255.0, tag=tag, global_step=0)
+        writer.close()
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the files inside follow the umask
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _fmt_meta(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.4g}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _find_representation(summary: Any) -> dict[str, Any] | None:
+    """The first dict (depth <= 2) of ``summary`` holding ``probe_r2`` (metrics' format)."""
+    if not isinstance(summary, dict):
+        return None
+    if "probe_r2" in summary:
+        return summary
+    for value in summary.values():
+        if isinstance(value, dict) and "probe_r2" in value:
+            return value
+    return None
+
+
+def _compute_representation(
+    vae: LoadedVAE, reader: DatasetReader, max_frames: int, seed: int
+) -> dict[str, Any] | None:
+    """Linear-probe R^2 and KNN-MSE on held-out episodes (``worldmodel.metrics``)."""
+    try:
+        from worldmodel import metrics
+    except ImportError:  # pragma: no cover - metrics ships with the package
+        return None
+    ids = np.random.default_rng(seed).permutation(reader.episode_ids)
+    if len(ids) < 2:
+        log.info("visualize: one episode only, no held-out episodes for the probe")
+        return None
+    n_test = max(1, round(0.2 * len(ids)))
+    test_ids, train_ids = ids[:n_test].tolist(), ids[n_test:].tolist()
+    train = metrics.load_probe_data(reader, train_ids, max_frames=max_frames, seed=seed)
+    test = metrics.load_probe_data(reader, test_ids, max_frames=max(1, max_frames // 3),
+                                   seed=seed)
+    if len(train.frames) < 2 or len(test.frames) < 2:
+        return None
+    return dict(metrics.representation_metrics(vae.encode, train, test, seed=seed))
+
+
+def _flatten(data: Any, prefix: str = "", depth: int = 3) -> dict[str, Any]:
+    """Scalar leaves of nested dicts as ``a/b/c`` keys (short lists kept as they are)."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict) and depth > 0:
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}/", depth - 1))
+    elif isinstance(data, str | int | float | bool) or data is None:
+        out[prefix.rstrip("/")] = data
+    elif isinstance(data, list) and len(data) <= 8 and all(
+        isinstance(v, int | float) for v in data
+    ):
+        out[prefix.rstrip("/")] = data
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def _table(rows: dict[str, Any]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>"
+                   for k, v in rows.items())
+    return f"<table>{body}</table>"
+
+
+def _representation_html(rep: dict[str, Any] | None, source: str) -> str:
+    if rep is None:
+        return ("<p>No representation metrics: the dataset has no true state, or the VAE run "
+                "has none recorded.</p>")
+    base = rep.get("random_projection") or {}
+    rows = ["<tr><th></th><th>VAE latents</th><th>random projection of pixels</th></tr>"]
+    for key, label in (("probe_r2", "linear-probe R² (mean, held-out episodes; higher is "
+                                    "better)"),
+                       ("knn_mse", "KNN-MSE of the true state (lower is better)")):
+        ours, theirs = rep.get(key), base.get(key)
+        if isinstance(ours, dict):
+            ours, theirs = ours.get("mean"), (theirs or {}).get("mean")
+        rows.append(f"<tr><th>{html.escape(label)}</th><td>{_fmt(ours)}</td>"
+                    f"<td>{_fmt(theirs)}</td></tr>")
+    per_dim = (rep.get("probe_r2") or {}).get("per_dim")
+    if per_dim:
+        rows.append(f"<tr><th>R² per state component</th><td colspan=2>{_fmt(per_dim)}</td></tr>")
+    return f"<p>{html.escape(source)}</p><table>{''.join(rows)}</table>"
+
+
+def _section(title: str, body: str, note: str = "") -> str:
+    note_html = f"<p class=note>{note}</p>" if note else ""
+    return f"<section><h2>{html.escape(title)}</h2>{note_html}{body}</section>"
+
+
+def _img(data: bytes, alt: str, pixelated: bool = False) -> str:
+    cls = " class=pixelated" if pixelated else ""
+    return f'<img{cls} alt="{html.escape(alt)}" src="{_data_uri(data, "image/png")}">'
+
+
+def _video_html(path: Path) -> str:
+    size = path.stat().st_size
+    mime = "video/mp4" if path.suffix == ".mp4" else "image/gif"
+    src = (_data_uri(path.read_bytes(), mime) if size <= EMBED_MAX_BYTES
+           else html.escape(path.name))
+    if path.suffix == ".gif":
+        return f'<img alt="episode" src="{src}">'
+    return (f'<video controls autoplay loop muted playsinline src="{src}"></video>'
+            f'<p class=note>File: <a href="{html.escape(path.name)}">{path.name}</a></p>')
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+class _Step:
+    """Numbered progress lines: ``visualize [3/9] latent traversals (1.2 s)``."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.start = total, 0, time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        self.n += 1
+        log.info("visualize [%d/%d] %s (%.1f s)", self.n, self.total, what,
+                 time.monotonic() - self.start)
+
+
+class _Encoded(NamedTuple):
+    """The sample and what the VAE makes of it."""
+
+    sample: Sample
+    post: Posterior
+    recon: np.ndarray  # (N, H, W, C) uint8, decoded posterior means
+    kl: np.ndarray  # (Z,) mean KL per dimension
+    std: np.ndarray  # (Z,) std of mu over the sample
+
+
+def _colours(sample: Sample, max_state: int = 6) -> dict[str, np.ndarray]:
+    colours = {"reward": sample.reward, "time step": sample.t.astype(np.float32)}
+    if sample.state is not None:
+        for j in range(min(sample.state.shape[1], max_state)):
+            colours[f"state[{j}]"] = sample.state[:, j]
+    return colours
+
+
+def _projector_subset(n: int, h: int, seed: int) -> np.ndarray:
+    """Indices of at most as many points as fit a sprite of :data:`SPRITE_MAX_PX`."""
+    per_side = max(1, SPRITE_MAX_PX // h)
+    limit = per_side * per_side
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def _reconstruction_grid(enc: _Encoded, pick: np.ndarray, scale: int) -> bytes:
+    """Rows of up to 8 originals, each over its reconstructions."""
+    cols = min(8, len(pick))
+    rows = []
+    for lo in range(0, len(pick) - cols + 1, cols):
+        chunk = pick[lo : lo + cols]
+        rows += [enc.sample.frames[chunk], enc.recon[chunk]]
+    return png_bytes(_tile(_upscale(_rgb(np.stack(rows)), scale)))
+
+
+def _traversal_png(vae: LoadedVAE, enc: _Encoded, centre: int, max_dims: int,
+                   scale: int) -> bytes:
+    order = [int(d) for d in np.argsort(-enc.kl, kind="stable")[:max_dims]]
+    grid = latent_traversals(vae, enc.post.mu[centre], enc.std, order)
+    offsets = np.linspace(-3, 3, grid.shape[1])
+    shown = f"top {len(order)} of {len(enc.kl)}" if len(order) < len(enc.kl) else "all"
+    return labeled_grid_png(
+        grid,
+        [f"z{d}  KL {enc.kl[d]:.2f}" for d in order],
+        [f"{k:+.0f}σ" for k in offsets],
+        f"traversals ({shown} dims, by KL)",
+        scale,
+    )
+
+
+def _interpolation_png(vae: LoadedVAE, enc: _Encoded, a: int, rng: np.random.Generator,
+                       scale: int) -> tuple[bytes, int]:
+    """Interpolate from frame ``a`` to the farthest (in latent space) of 64 random frames."""
+    mu, frames = enc.post.mu, enc.sample.frames
+    candidates = rng.choice(len(frames), min(64, len(frames)), replace=False)
+    b = int(candidates[np.argmax(np.linalg.norm(mu[candidates] - mu[a], axis=1))])
+    line = interpolate(vae, mu[a], mu[b], steps=8)
+    strip = np.concatenate([frames[[a]], line, frames[[b]]])[None]
+    labels = ["A", *(f"{x:.2f}" for x in np.linspace(0, 1, 8)), "B"]
+    return labeled_grid_png(strip, [""], labels, "A -> B in latent space", scale), b
+
+
+def _export_sample_projector(out: Path, enc: _Encoded, image_size: int, seed: int) -> Path:
+    sample = enc.sample
+    subset = _projector_subset(len(sample.frames), image_size, seed)
+    meta: dict[str, np.ndarray] = {
+        "episode": sample.episode[subset], "t": sample.t[subset], "reward": sample.reward[subset],
+    }
+    if sample.state is not None:
+        for j in range(sample.state.shape[1]):
+            meta[f"state_{j}"] = sample.state[subset, j]
+    return export_projector(out, enc.post.mu[subset], sample.frames[subset], meta)
+
+
+def _metrics(vae_run: Path, vae: LoadedVAE, reader: DatasetReader, max_frames: int,
+             seed: int) -> tuple[Any, dict[str, Any] | None, str]:
+    """``summary.json`` of the run, the representation metrics, and where they came from."""
+    path = vae_run / "summary.json"
+    summary = None
+    if path.is_file():
+        try:
+            summary = read_json(path)
+        except (OSError, ValueError) as e:
+            log.warning("visualize: %s is unreadable (%s); ignoring it", path, e)
+    rep = _find_representation(summary)
+    if rep is not None:
+        return summary, rep, f"From {path}."
+    if reader.has_state:
+        rep = _compute_representation(vae, reader, max_frames, seed)
+        if rep is not None:
+            return summary, rep, ("Computed now on held-out episodes of the dataset "
+                                  "(worldmodel.metrics: 20% of the episodes held out).")
+    return summary, None, ""
+
+
+def _sample_stats(enc: _Encoded) -> dict[str, Any]:
+    frames = enc.sample.frames.astype(np.float32) / 255.0
+    mse = float(np.mean((frames - enc.recon.astype(np.float32) / 255.0) ** 2))
+    return {
+        "frames": len(frames),
+        "episodes": len(np.unique(enc.sample.episode)),
+        "recon_mse_per_pixel": mse,
+        "kl_total": float(enc.kl.sum()),
+        "active_units": int((enc.kl > ACTIVE_KL_NATS).sum()),
+        "dims_with_var_mu_above_0.01": int((enc.post.mu.var(0) > 0.01).sum()),
+    }
+
+
+def _page(report: dict[str, Any], files: dict[str, bytes], video: Path, summary: Any,
+          out: Path) -> str:
+    """The HTML of ``visualize.html``."""
+    rep, stats = report["representation"], report["sample"]
+    vae_run, data = html.escape(report["vae_run"]), html.escape(report["data"])
+    parts = [
+        _section("Run", _table(report["run"])),
+        _section("Representation metrics",
+                 _representation_html(rep, report["representation_source"] or "")),
+        _section(f"On the sample ({stats['frames']} frames)", _table(stats),
+                 f"active_units: latent dimensions whose mean KL exceeds {ACTIVE_KL_NATS} "
+                 "nats (as in train-vae); dims_with_var_mu_above_0.01: those whose posterior "
+                 "mean varies over the sample (Burda et al.'s activity)."),
+    ]
+    warnings = summary.get("warnings") if isinstance(summary, dict) else None
+    if warnings:
+        items = "".join(f"<li>{html.escape(str(w))}</li>" for w in warnings)
+        parts.insert(0, _section("Warnings from train-vae", f"<ul class=warn>{items}</ul>"))
+    if summary is not None:
+        parts.append(_section("VAE run summary (summary.json)", _table(_flatten(summary))))
+    parts += [
+        _section("Reconstructions", _img(files["reconstructions.png"], "grid", True),
+                 "Each pair of rows: originals over their reconstructions."),
+        _section(f"Episode {report['episode']['index']}: original | reconstruction",
+                 _video_html(video)),
+        _section("KL per latent dimension", _img(files["kl.png"], "kl"),
+                 "Mean KL over the sample; dimensions near 0 nats carry no information."),
+        _section("Latent traversals", _img(files["traversals.png"], "traversals"),
+                 f"Each row sweeps one latent dimension over mu ± 3 std (std of that "
+                 f"dimension's mu over the sample) around frame {report['traversal_frame']}; "
+                 "the other dimensions keep that frame's mu. Rows that do not change are "
+                 "dimensions the decoder ignores."),
+        _section("Interpolation", _img(files["interpolation.png"], "interpolation"),
+                 "Frame A, the decodings of (1 - a) mu_A + a mu_B, frame B."),
+        _section("2-D projection", _img(files["projection.png"], "projection"),
+                 html.escape(report["projection"])),
+        _section("Interactive",
+                 f"<pre>tensorboard --logdir {html.escape(str(out))}</pre><p>shows these "
+                 "latents with their frames and metadata in the PROJECTOR tab, and</p>"
+                 f"<pre>worldmodel explore {vae_run} --data {data}</pre>"
+                 "<p>decodes latents live in the browser.</p>"),
+    ]
+    template = Template(_static_text("visualize.html"))
+    return template.substitute(title=html.escape(f"VAE {Path(report['vae_run']).name}"),
+                               content="\n".join(parts))
+
+
+def _static_text(name: str) -> str:
+    """A file shipped in ``worldmodel/static``."""
+    from importlib.resources import files
+
+    return files("worldmodel").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def run(
+    vae_run: Path,
+    data: Path,
+    out: Path,
+    *,
+    max_frames: int = 2000,
+    method: Method = "pca",
+    seed: int = 0,
+    max_dims: int = 32,
+    fps: int = 15,
+) -> Path:
+    """Write the visualizations of a VAE run on a dataset into ``out``.
+
+    :param vae_run: a ``worldmodel train-vae`` run folder.
+    :param data: a dataset whose frames have the VAE's shape.
+    :param out: the output folder (created when missing; files in it are replaced).
+    :param max_frames: frames sampled from the dataset for everything but the video.
+    :param method: 2-D projection: ``pca``, ``tsne`` or ``umap``.
+    :param seed: which frames are sampled and shown.
+    :param max_dims: latent dimensions shown in the traversal grid (highest KL first).
+    :param fps: frame rate of the episode video.
+    :return: the path of ``visualize.html`` in ``out``.
+    """
+    vae_run, out = Path(vae_run), Path(out)
+    if max_frames < 2:
+        raise UserError(f"max_frames must be at least 2, got {max_frames}")
+    step = _Step(9)
+    vae, reader = load_inputs(vae_run, Path(data))
+    assert reader is not None
+    step(f"sampling up to {max_frames} of {reader.num_frames} frames from {data}")
+    sample = sample_frames(reader, max_frames, seed)
+    step(f"encoding {len(sample.frames)} frames")
+    post = posterior(vae, sample.frames)
+    enc = _Encoded(sample, post, vae.decode(post.mu), kl_per_dim(post.mu, post.logvar),
+                   post.mu.std(0))
+    rng = np.random.default_rng(seed)
+    scale = _display_scale(vae.image_shape[0])
+    pick = np.sort(rng.choice(len(sample.frames), min(16, len(sample.frames)), replace=False))
+    centre = int(pick[0])
+    files: dict[str, bytes] = {}
+
+    step("reconstruction grid")
+    files["reconstructions.png"] = _reconstruction_grid(enc, pick, scale)
+    step("episode video")
+    ep_index = int(sample.episode[0])
+    obs = reader.episode(ep_index).obs[:1000]
+    video = write_video(out / "episode", side_by_side(
+        obs, vae.reconstruct(obs), max(1, 256 // vae.image_shape[0])), fps)
+    step("KL per dimension and latent traversals")
+    files["kl.png"] = _kl_png(enc.kl)
+    files["traversals.png"] = _traversal_png(vae, enc, centre, max_dims, scale)
+    step("interpolation")
+    files["interpolation.png"], other = _interpolation_png(vae, enc, centre, rng, scale)
+    step(f"2-D projection ({method})")
+    xy, how = project_2d(post.mu, method, seed)
+    files["projection.png"] = _projection_png(xy, _colours(sample), f"latent means: {how}")
+    for name, content in files.items():
+        _write_bytes(out / name, content)
+    step("TensorBoard projector")
+    _export_sample_projector(out / "projector", enc, vae.image_shape[0], seed)
+    step("representation metrics and report")
+    summary, rep, source = _metrics(vae_run, vae, reader, max_frames, seed)
+
+    def where(i: int) -> str:
+        return f"(episode {sample.episode[i]}, t={sample.t[i]})"
+
+    files_out = sorted([*files, video.name, "projector/", "visualize.html", "visualize.json"])
+    report: dict[str, Any] = {
+        "vae_run": str(vae_run), "data": str(data), "weights_hash": vae.weights_hash,
+        "run": {"VAE run": str(vae_run), "weights (sha256)": vae.weights_hash[:16],
+                "dataset": str(data), "env": reader.manifest.get("env_id"),
+                "frames": "x".join(map(str, vae.image_shape)), "latent_dim": vae.latent_dim},
+        "sample": _sample_stats(enc), "kl_per_dim": [float(v) for v in enc.kl],
+        "projection": how, "video": video.name,
+        "episode": {"index": ep_index, "frames": len(obs)},
+        "traversal_frame": where(centre), "interpolation": [where(centre), where(other)],
+        "representation": rep, "representation_source": source or None,
+        "files": files_out,
+    }
+    atomic_write_json(out / "visualize.json", report)
+    atomic_write_text(out / "visualize.html", _page(report, files, video, summary, out))
+    log.info("visualize: wrote %d files to %s", len(files_out), out)
+    return out / "visualize.html"
