@@ -1,0 +1,328 @@
+"""worldmodel explore: the API, the page in a real headless browser, and a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.config import resolve_config
+from worldmodel.dataset import open_dataset
+from worldmodel.errors import UserError
+from worldmodel.explore import ApiError, Explorer, ExplorerServer, make_server
+from worldmodel.vae import build_vae, frames_to_tensor, load_vae, save_checkpoint, vae_loss
+
+SIZE = 16
+LATENT = 4
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 4-episode Reach dataset at 16 px and a VAE trained on it for a few seconds."""
+    from worldmodel.collect import run as collect
+
+    root = tmp_path_factory.mktemp("explore")
+    cfg = resolve_config(None, [f"env.image_size={SIZE}", "collect.episodes=4",
+                                "collect.workers=1", "collect.max_episode_steps=30",
+                                "vae.widths=[8, 16]", f"vae.latent_dim={LATENT}"])
+    data = collect(cfg, root / "data")
+    frames = np.concatenate([ep.obs for ep in open_dataset(data)])
+    x = frames_to_tensor(frames)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine are several times slower
+    torch.manual_seed(0)
+    model = build_vae(cfg.vae, cfg.env)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):  # beta 0.1: latents that matter after a few steps
+        batch = x[torch.randint(0, len(x), (32,))]
+        loss = vae_loss(model(batch), batch, beta=0.1).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    vae_run = root / "vae"
+    vae_run.mkdir()
+    cfg.save(vae_run / "config.yaml")
+    save_checkpoint(vae_run / "best.pt", {"model": model.state_dict(), "step": 200})
+    return {"root": root, "data": data, "vae": vae_run}
+
+
+@pytest.fixture(scope="module")
+def explorer(setup: dict[str, Path]) -> Explorer:
+    return Explorer(load_vae(setup["vae"]), open_dataset(setup["data"]), max_frames=200)
+
+
+@pytest.fixture
+def server(setup: dict[str, Path]) -> Iterator[ExplorerServer]:
+    """The explorer on a free port, serving from a thread."""
+    srv = make_server(setup["vae"], setup["data"], port=0, max_frames=200)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1},
+                              daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def _image(uri: str) -> np.ndarray:
+    prefix = "data:image/png;base64,"
+    assert uri.startswith(prefix)
+    return np.asarray(iio.imread(base64.b64decode(uri[len(prefix):]), extension=".png"))
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    return image[..., :3] if image.ndim == 3 else np.repeat(image[..., None], 3, -1)
+
+
+# ------------------------------------------------------------------------------------------
+# The API, without HTTP
+
+
+def test_info_sorts_sliders_by_kl_and_spans_the_data(explorer: Explorer) -> None:
+    info = explorer.info()
+    assert info["latent_dim"] == LATENT and info["image_shape"] == [SIZE, SIZE, 3]
+    kl = np.array(info["kl"])
+    assert sorted(info["order"]) == list(range(LATENT))
+    assert list(kl[info["order"]]) == sorted(kl, reverse=True)
+    np.testing.assert_allclose(info["centre"], explorer.mu.mean(0), rtol=1e-5, atol=1e-6)
+    assert len(info["episodes"]) == 4 and info["sample_frames"] == len(explorer.mu)
+
+
+def test_decode_gives_the_vae_image_and_changes_with_z(explorer: Explorer) -> None:
+    z = np.array(explorer.info()["centre"], np.float32)
+    image = _image(explorer.decode(z.tolist())["image"])
+    np.testing.assert_array_equal(image, explorer.vae.decode(z[None])[0])
+    top = explorer.info()["order"][0]
+    z2 = z.copy()
+    z2[top] += 3 * explorer.std[top]
+    assert np.abs(_image(explorer.decode(z2.tolist())["image"]).astype(int) - image).mean() > 1
+    for bad in ([0.0] * (LATENT + 1), "abc", [float("nan")] * LATENT):
+        with pytest.raises(ApiError, match="z must be") as info:
+            explorer.decode(bad)
+        assert info.value.status == 400
+
+
+def test_frame_is_the_dataset_frame_and_its_reconstruction(setup: dict[str, Path],
+                                                          explorer: Explorer) -> None:
+    ep = open_dataset(setup["data"]).episode(2)
+    f = explorer.frame(2, 5)
+    assert f["length"] == ep.length and f["reward"] == pytest.approx(float(ep.reward[5]))
+    np.testing.assert_array_equal(_image(f["original"]), ep.obs[5])
+    np.testing.assert_array_equal(_image(f["recon"]), explorer.vae.reconstruct(ep.obs[5:6])[0])
+    assert ep.state is not None
+    assert f["state"] == pytest.approx(ep.state[5].tolist())
+    for episode, t in ((9, 0), (2, ep.length)):
+        with pytest.raises(ApiError) as info:
+            explorer.frame(episode, t)
+        assert info.value.status == 404
+
+
+def test_neighbours_are_the_nearest_sampled_frames(explorer: Explorer) -> None:
+    f = explorer.frame(1, 3)
+    out = explorer.neighbours(1, 3, k=5)
+    items = out["items"]
+    assert len(items) == 5
+    assert all((it["episode"], it["t"]) != (1, 3) for it in items)
+    distances = [it["distance"] for it in items]
+    assert distances == sorted(distances)
+    z = np.array(f["z"])
+    all_d = np.linalg.norm(explorer.mu - z, axis=1)
+    assert distances[-1] <= np.sort(all_d)[6] + 1e-5  # nothing closer was left out
+    assert explorer.sample is not None
+    first = items[0]
+    i = np.flatnonzero((explorer.sample.episode == first["episode"]) &
+                       (explorer.sample.t == first["t"]))[0]
+    np.testing.assert_array_equal(_image(first["image"]), explorer.sample.frames[i])
+
+
+def test_without_data_sliders_use_the_prior(setup: dict[str, Path]) -> None:
+    ex = Explorer(load_vae(setup["vae"]), None)
+    info = ex.info()
+    assert info["episodes"] == [] and info["kl"] is None
+    assert info["centre"] == [0.0] * LATENT and info["std"] == [1.0] * LATENT
+    assert _image(ex.decode([0.0] * LATENT)["image"]).shape == (SIZE, SIZE, 3)
+    with pytest.raises(ApiError, match="--data"):
+        ex.frame(0, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Over HTTP
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = r.read()
+            return r.status, json.loads(body) if "json" in r.headers["Content-Type"] else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _post(url: str, body: bytes) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_api(server: ExplorerServer) -> None:
+    url = server.url
+    assert url.startswith("http://127.0.0.1:")
+    status, page = _get(url)
+    assert status == 200 and b"<title>worldmodel explore</title>" in page
+    status, info = _get(url + "api/info")
+    assert status == 200 and info["latent_dim"] == LATENT
+    status, out = _post(url + "api/decode", json.dumps({"z": info["centre"]}).encode())
+    assert status == 200 and _image(out["image"]).shape == (SIZE, SIZE, 3)
+    assert _post(url + "api/decode", b"not json")[0] == 400
+    assert _post(url + "api/decode", b'{"z": [1]}') == (
+        400, {"error": f"z must be {LATENT} finite numbers, got shape [1]"})
+    status, f = _get(url + "api/frame?episode=0&t=2")
+    assert status == 200 and f["t"] == 2
+    assert _get(url + "api/frame?episode=0&t=x")[0] == 400
+    assert _get(url + "api/frame?episode=0")[0] == 400
+    assert _get(url + "api/frame?episode=99&t=0")[0] == 404
+    status, nb = _get(url + "api/neighbours?episode=0&t=2&k=3")
+    assert status == 200 and len(nb["items"]) == 3
+    assert _get(url + "nope")[0] == 404
+
+
+def test_port_in_use_is_a_user_error(setup: dict[str, Path]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}"):
+            make_server(setup["vae"], None, port=port)
+
+
+def test_missing_run_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        make_server(tmp_path / "nope", None, port=0)
+
+
+# ------------------------------------------------------------------------------------------
+# In a real browser
+
+
+def _playwright() -> Any:
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"no {CHROMIUM}: install Debian's browser with `apt-get install -y chromium`")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+    return sync_playwright
+
+
+def test_browser_slider_decodes_live(server: ExplorerServer, setup: dict[str, Path]) -> None:
+    sync_playwright = _playwright()
+    reader = open_dataset(setup["data"])
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url)
+            page.wait_for_selector("body[data-ready='1']", timeout=15_000)
+            assert page.locator("#sliders input[type=range]").count() == LATENT
+            first = page.get_attribute("#decoded", "src")
+            assert first and first.startswith("data:image/png;base64,")
+
+            # Move the most informative latent's slider to its maximum, with the keyboard.
+            top = server.explorer.info()["order"][0]
+            page.locator(f"#z-{top}").press("End")
+            page.wait_for_function("(old) => document.getElementById('decoded').src !== old",
+                                   arg=first, timeout=10_000)
+            page.wait_for_function("() => Number(document.body.dataset.decodes) >= 2")
+            moved = page.get_attribute("#decoded", "src")
+            assert moved is not None
+            assert np.abs(_image(moved).astype(int) - _image(first)).mean() > 1
+            value = float(page.input_value(f"#z-{top}"))
+            assert value > server.explorer.centre[top] + 2 * server.explorer.std[top]
+
+            # "centre" brings back exactly the first image.
+            page.click("#reset")
+            page.wait_for_function("(old) => document.getElementById('decoded').src === old",
+                                   arg=first, timeout=10_000)
+
+            # Browse: the next frame of episode 0 is the dataset's frame 1.
+            page.wait_for_function("() => document.body.dataset.frame === '0:0'")
+            page.click("#next")
+            page.wait_for_function("() => document.body.dataset.frame === '0:1'")
+            shown = page.get_attribute("#orig", "src")
+            assert shown is not None
+            np.testing.assert_array_equal(_rgb(_image(shown)), reader.episode(0).obs[1])
+
+            # Click the frame: its nearest neighbours appear.
+            page.click("#orig")
+            page.wait_for_function(
+                "() => document.querySelectorAll('#neighbours img').length === 8")
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The command, stopped with Ctrl-C
+
+
+def test_cli_serves_until_ctrl_c(setup: dict[str, Path]) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worldmodel", "-q", "explore", str(setup["vae"]),
+         "--data", str(setup["data"]), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    watchdog = threading.Timer(60, proc.kill)  # never hang the test run
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until the server is up (or the process died)
+        assert line.startswith("explore: serving http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split()[2]
+        assert _get(url + "api/info")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "explore: stopped" in out
+    assert "Traceback" not in err
+
+
+def test_cli_missing_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from worldmodel.cli import main
+
+    assert main(["explore", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("worldmodel explore: error:") and "\n" not in err
+

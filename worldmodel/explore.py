@@ -1,0 +1,347 @@
+"""``worldmodel explore``: a local web page to play with a VAE's latent space.
+
+The page (``worldmodel/static/explore.html``, one file with inline JavaScript) talks to a small
+JSON API served by the standard library's :class:`~http.server.ThreadingHTTPServer`:
+
+``GET /``
+    the page.
+``GET /api/info``
+    latent size, image shape, slider centre/range and KL of every latent dimension (from an
+    encoded sample of the dataset when there is one, else the prior ``N(0, 1)``), and the
+    episodes of the dataset.
+``POST /api/decode`` with ``{"z": [Z floats]}``
+    ``{"image": "data:image/png;base64,..."}``, the decoded frame.
+``GET /api/frame?episode=I&t=T``
+    the dataset frame, its reconstruction, its latent mean, reward and true state.
+``GET /api/neighbours?episode=I&t=T&k=K``
+    the ``K`` frames of the encoded sample nearest to that frame in latent space
+    (``sklearn.neighbors.NearestNeighbors``, Euclidean on the posterior means).
+
+Errors come back as ``{"error": "..."}`` with status 400 or 404. The server binds 127.0.0.1
+unless told otherwise, and Ctrl-C stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import signal
+import threading
+from collections import OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from worldmodel.errors import UserError
+
+if TYPE_CHECKING:
+    from worldmodel.dataset import DatasetReader
+    from worldmodel.vae import LoadedVAE
+    from worldmodel.visualize import Sample
+
+log = logging.getLogger("worldmodel")
+
+__all__ = ["ApiError", "Explorer", "ExplorerServer", "make_server", "serve"]
+
+#: Largest request body accepted (a latent vector as JSON is far smaller).
+MAX_BODY = 1 << 20
+
+
+class ApiError(Exception):
+    """A request the API refuses: sent back as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _png_uri(image: np.ndarray) -> str:
+    from worldmodel.visualize import png_bytes
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+class Explorer:
+    """What the explorer page asks for, independent of HTTP.
+
+    :param vae: the loaded VAE.
+    :param reader: the dataset to browse, or ``None``.
+    :param max_frames: frames encoded for the nearest-neighbour index and the slider ranges.
+    :param seed: which frames are sampled.
+    """
+
+    def __init__(self, vae: LoadedVAE, reader: DatasetReader | None, max_frames: int = 2000,
+                 seed: int = 0) -> None:
+        from worldmodel.visualize import kl_per_dim, posterior, sample_frames
+
+        self.vae, self.reader = vae, reader
+        self._lock = threading.Lock()  # one model call / dataset read at a time
+        self._episodes: OrderedDict[int, tuple[Any, np.ndarray]] = OrderedDict()
+        z = vae.latent_dim
+        self.centre, self.std = np.zeros(z, np.float32), np.ones(z, np.float32)
+        self.kl: np.ndarray | None = None
+        self.mu = np.zeros((0, z), np.float32)
+        self._nn: Any = None
+        self.sample: Sample | None = None
+        if reader is not None:
+            self.sample = sample_frames(reader, max_frames, seed)
+            post = posterior(vae, self.sample.frames)
+            self.mu = post.mu
+            self.centre = post.mu.mean(0)
+            self.std = np.maximum(post.mu.std(0), 1e-3)
+            self.kl = kl_per_dim(post.mu, post.logvar)
+            from sklearn.neighbors import NearestNeighbors
+
+            self._nn = NearestNeighbors().fit(self.mu)
+
+    def info(self) -> dict[str, Any]:
+        """What the page needs to build its controls."""
+        order = (np.argsort(-self.kl, kind="stable") if self.kl is not None
+                 else np.arange(self.vae.latent_dim))
+        episodes: list[dict[str, Any]] = []
+        if self.reader is not None:
+            episodes = [{"id": int(e["id"]), "length": int(e["length"]),
+                         "return": float(e.get("return", 0.0))}
+                        for e in self.reader.episode_index()]
+        run_dir = self.vae.run_dir
+        return {
+            "vae_run": str(run_dir) if run_dir is not None else None,
+            "latent_dim": self.vae.latent_dim,
+            "image_shape": list(self.vae.image_shape),
+            "centre": [float(v) for v in self.centre],
+            "std": [float(v) for v in self.std],
+            "kl": None if self.kl is None else [float(v) for v in self.kl],
+            "order": [int(d) for d in order],
+            "range_source": "the dataset sample (mean ± 3 std of mu)" if self.kl is not None
+            else "the prior N(0, 1)",
+            "episodes": episodes,
+            "sample_frames": len(self.mu),
+        }
+
+    def decode(self, z: Any) -> dict[str, Any]:
+        """Decode one latent vector.
+
+        :param z: ``Z`` numbers.
+        :return: ``{"image": PNG data URI}``.
+        """
+        try:
+            vec = np.asarray(z, np.float32)
+        except (TypeError, ValueError):
+            raise ApiError(400, "z must be a list of numbers") from None
+        if vec.shape != (self.vae.latent_dim,) or not np.isfinite(vec).all():
+            raise ApiError(400, f"z must be {self.vae.latent_dim} finite numbers, got shape "
+                                f"{list(vec.shape)}")
+        with self._lock:
+            image = self.vae.decode(vec[None])[0]
+        return {"image": _png_uri(image)}
+
+    def _episode(self, i: int) -> tuple[Any, np.ndarray]:
+        """Episode ``i`` and its latent means (the last few are cached)."""
+        if self.reader is None:
+            raise ApiError(404, "no dataset: start explore with --data DATA to browse episodes")
+        if not 0 <= i < self.reader.num_episodes:
+            raise ApiError(404, f"episode {i} out of range (0..{self.reader.num_episodes - 1})")
+        with self._lock:
+            if i not in self._episodes:
+                ep = self.reader.episode(i)
+                self._episodes[i] = (ep, self.vae.encode(ep.obs))
+                while len(self._episodes) > 4:
+                    self._episodes.popitem(last=False)
+            self._episodes.move_to_end(i)
+            return self._episodes[i]
+
+    def frame(self, episode: int, t: int) -> dict[str, Any]:
+        """Frame ``t`` of episode ``episode``, its reconstruction and latent."""
+        ep, mu = self._episode(episode)
+        if not 0 <= t < ep.length:
+            raise ApiError(404, f"episode {episode} has frames 0..{ep.length - 1}, not {t}")
+        with self._lock:
+            recon = self.vae.decode(mu[t : t + 1])[0]
+        state = None if ep.state is None else [float(v) for v in np.ravel(ep.state[t])]
+        return {
+            "episode": episode, "t": t, "length": ep.length,
+            "original": _png_uri(ep.obs[t]), "recon": _png_uri(recon),
+            "z": [float(v) for v in mu[t]], "reward": float(ep.reward[t]), "state": state,
+        }
+
+    def neighbours(self, episode: int, t: int, k: int = 8) -> dict[str, Any]:
+        """The ``k`` sampled frames nearest to frame ``(episode, t)`` in latent space."""
+        ep, mu = self._episode(episode)
+        if not 0 <= t < ep.length:
+            raise ApiError(404, f"episode {episode} has frames 0..{ep.length - 1}, not {t}")
+        assert self.sample is not None  # a dataset is open
+        k = min(int(k), 64, len(self.mu) - 1)
+        if k < 1:
+            return {"episode": episode, "t": t, "items": []}
+        dist, idx = self._nn.kneighbors(mu[t : t + 1], n_neighbors=k + 1)
+        items: list[dict[str, Any]] = []
+        for d, i in zip(dist[0], idx[0], strict=True):
+            e, s = int(self.sample.episode[i]), int(self.sample.t[i])
+            if (e, s) == (episode, t) or len(items) == k:
+                continue
+            items.append({"episode": e, "t": s, "distance": float(d),
+                          "image": _png_uri(self.sample.frames[i])})
+        return {"episode": episode, "t": t, "items": items}
+
+
+class ExplorerServer(ThreadingHTTPServer):
+    """The HTTP server; :attr:`explorer` answers the API calls.
+
+    :param address: ``(host, port)``; port 0 picks a free port.
+    :param explorer: the state behind the API.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], explorer: Explorer) -> None:
+        from importlib.resources import files
+
+        self.explorer = explorer
+        self.page = files("worldmodel").joinpath("static", "explore.html").read_bytes()
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        """Where the page is served."""
+        host, port = self.server_address[:2]
+        shown = host if isinstance(host, str) else host.decode()
+        return f"http://{'127.0.0.1' if shown in ('0.0.0.0', '') else shown}:{port}/"
+
+
+def _int_arg(query: dict[str, list[str]], name: str, default: int | None = None) -> int:
+    values = query.get(name)
+    if not values:
+        if default is None:
+            raise ApiError(400, f"missing query parameter {name!r}")
+        return default
+    try:
+        return int(values[0])
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer, got {values[0]!r}") from None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ExplorerServer
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, data: Any) -> None:
+        self._send(status, json.dumps(data).encode(), "application/json")
+
+    def _answer(self, call: Any) -> None:
+        try:
+            self._json(200, call())
+        except ApiError as e:
+            self._json(e.status, {"error": str(e)})
+        except UserError as e:
+            self._json(400, {"error": str(e)})
+
+    def do_GET(self) -> None:
+        """Serve the page and the read-only API."""
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        ex = self.server.explorer
+        if url.path in ("/", "/index.html"):
+            self._send(200, self.server.page, "text/html; charset=utf-8")
+        elif url.path == "/api/info":
+            self._answer(ex.info)
+        elif url.path == "/api/frame":
+            self._answer(lambda: ex.frame(_int_arg(query, "episode"), _int_arg(query, "t")))
+        elif url.path == "/api/neighbours":
+            self._answer(lambda: ex.neighbours(_int_arg(query, "episode"),
+                                               _int_arg(query, "t"), _int_arg(query, "k", 8)))
+        elif url.path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")
+        else:
+            self._json(404, {"error": f"no such page {url.path}"})
+
+    def do_POST(self) -> None:
+        """Decode a latent vector: ``{"z": [...]}`` -> ``{"image": data URI}``."""
+        if urlsplit(self.path).path != "/api/decode":
+            self._json(404, {"error": f"no such endpoint {self.path}"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= MAX_BODY:
+            self._json(400, {"error": "expected a JSON body {\"z\": [...]}"})
+            return
+        try:
+            body = json.loads(self.rfile.read(length))
+            z = body["z"]
+        except (ValueError, KeyError, TypeError):
+            self._json(400, {"error": "expected a JSON body {\"z\": [...]}"})
+            return
+        self._answer(lambda: self.server.explorer.decode(z))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Request lines go to the debug log, not stderr."""
+        log.debug("explore: %s %s", self.address_string(), format % args)
+
+
+def make_server(
+    vae_run: Path,
+    data: Path | None,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    max_frames: int = 2000,
+    seed: int = 0,
+) -> ExplorerServer:
+    """Load the VAE (and dataset), encode a sample and bind the server (not yet serving).
+
+    :param vae_run: a ``worldmodel train-vae`` run folder.
+    :param data: a dataset to browse, or ``None`` (sliders only).
+    :param host: interface to bind; ``127.0.0.1`` keeps the page local to this machine.
+    :param port: TCP port; 0 picks a free one (see :attr:`ExplorerServer.url`).
+    :raises UserError: bad run or dataset, or a port that is taken.
+    """
+    from worldmodel.visualize import load_inputs
+
+    vae, reader = load_inputs(Path(vae_run), None if data is None else Path(data))
+    if reader is not None:
+        log.info("explore: encoding up to %d frames of %s", max_frames, data)
+    explorer = Explorer(vae, reader, max_frames=max_frames, seed=seed)
+    try:
+        return ExplorerServer((host, port), explorer)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another "
+                        "--port, or --port 0 for any free one") from e
+
+
+def serve(vae_run: Path, data: Path | None, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve the explorer until Ctrl-C (then shut down cleanly and return).
+
+    :param vae_run: a ``worldmodel train-vae`` run folder.
+    :param data: a dataset to browse, or ``None``.
+    :param host: interface to bind (``0.0.0.0`` exposes the page to the network).
+    :param port: TCP port (0: any free one).
+    """
+    server = make_server(vae_run, data, host, port)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("explore: listening on %s: anyone who can reach this machine can use it",
+                    host)
+    print(f"explore: serving {server.url} (Ctrl-C to stop)", flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # `kill` stops it cleanly too
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        print("explore: stopped", flush=True)
+    finally:
+        server.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
