@@ -231,7 +231,7 @@ class PipelineConfig(Section):
 class Config(Section):
     """The whole run config. Each stage reads its own sections plus ``seed`` and ``env``."""
 
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seeds everything: envs, networks, data order.")
     env: EnvConfig = Field(default_factory=EnvConfig)
     collect: CollectConfig = Field(default_factory=CollectConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -364,3 +364,45 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no config.yaml: is it a run folder of this project?")
     return validate_config(load_yaml_dict(path))
+
+
+def _type_name(annotation: Any) -> str:
+    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
+    for noise in ("typing.", "worldmodel.config.", "envs.config.", "<class '", "'>"):
+        text = text.replace(noise, "")
+    return text.replace("Literal[", "one of [").replace("NoneType", "null").replace(" | ", " or ")
+
+
+def _bounds(field: Any) -> str:
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "min length"}
+    parts = []
+    for meta in field.metadata:
+        for attr, symbol in symbols.items():
+            value = getattr(meta, attr, None)
+            if value is not None:
+                parts.append(f"{symbol} {value}")
+    return ", ".join(parts)
+
+
+def config_reference() -> str:
+    """The config reference as Markdown tables, one per section (the README embeds it)."""
+    lines = [f"- `seed` (int, default 0): {Config.model_fields['seed'].description or 'seed'}"]
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        if not (isinstance(section, type) and issubclass(section, Section)):
+            continue
+        lines += ["", f"**`{name}`**: {(section.__doc__ or '').strip().splitlines()[0]}", "",
+                  "| key | type | default | description |", "|---|---|---|---|"]
+        defaults = section().model_dump(mode="json")
+        for key, sub in section.model_fields.items():
+            allowed = _type_name(sub.annotation)
+            bounds = _bounds(sub)
+            kind = f"{allowed} ({bounds})" if bounds else allowed
+            default = json.dumps(defaults[key])
+            text = (sub.description or "").replace("|", "\\|")
+            lines.append(f"| `{name}.{key}` | {kind} | `{default}` | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")
