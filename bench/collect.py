@@ -38,13 +38,13 @@ from worldmodel.dataset import SHARDS, Location, open_dataset
 from worldmodel.utils import setup_logging
 
 
-def bare_fps(cfg: Config) -> float:
-    """Frames/s of a plain rollout loop over the episodes the collector would play."""
+def bare_fps(cfg: Config) -> tuple[float, float]:
+    """Frames/s and CPU seconds/frame of a plain rollout loop over the collector's episodes."""
     env = make_env(cfg.env)
     policy = make_builtin_policy(cfg.collect.policy, env.action_space, cfg.collect.brownian_dt)
     cap = cfg.collect.max_episode_steps
     frames = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(cfg.collect.episodes or 1):
         env_seed, policy_seed = episode_seeds(cfg.seed, i)
         policy.seed(policy_seed)  # type: ignore[attr-defined]
@@ -57,7 +57,7 @@ def bare_fps(cfg: Config) -> float:
             if terminated or truncated or (cap is not None and t >= cap):
                 break
         frames += t
-    return frames / (time.perf_counter() - start)
+    return frames / (time.perf_counter() - start), (time.process_time() - cpu) / frames
 
 
 def collect_fps(cfg: Config, out: Path) -> tuple[float, dict[str, float]]:
@@ -70,15 +70,22 @@ def collect_fps(cfg: Config, out: Path) -> tuple[float, dict[str, float]]:
 def overhead(name: str, overrides: list[str], tmp: Path, rounds: int = 2) -> Path:
     cfg = resolve_config(None, [*overrides, "collect.workers=1"])
     best_bare = best_collect = 0.0
+    bare_cpu = main_cpu = total_cpu = float("inf")
     startup = 0.0
     for r in range(rounds):
-        best_bare = max(best_bare, bare_fps(cfg))
+        fps, cpu = bare_fps(cfg)
+        best_bare, bare_cpu = max(best_bare, fps), min(bare_cpu, cpu)
         fps, record = collect_fps(cfg, tmp / f"{name}-1w-{r}")
         best_collect, startup = max(best_collect, fps), record["startup_seconds"]
+        main_cpu = min(main_cpu, record["cpu_main_seconds"] / record["frames_stepped"])
+        total_cpu = min(total_cpu, record["cpu_total_seconds"] / record["frames_stepped"])
     ratio = best_collect / best_bare
     print(f"collector overhead, {name}: bare loop {best_bare:,.0f} frames/s, collect 1 worker "
           f"{best_collect:,.0f} frames/s (+{startup:.1f} s process start-up), ratio "
           f"{ratio:.2f} (target >= 0.9: {verdict(ratio, 0.9)})")
+    print(f"    CPU per frame: bare loop {bare_cpu * 1e6:,.1f} us; collector env thread "
+          f"{main_cpu * 1e6:,.1f} us ({bare_cpu / main_cpu:.2f} of the bare speed when the writer "
+          f"thread has its own core), whole worker {total_cpu * 1e6:,.1f} us")
     return tmp / f"{name}-1w-0"
 
 

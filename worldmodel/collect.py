@@ -406,7 +406,8 @@ def collect_worker(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> No
 
     Messages to ``results``: ``("started", k)`` (ready, before the first episode),
     ``("steps", k, n)``, ``("finished", k, id, length, unreported_steps)``, ``("committed", k,
-    [entry, ...])``, ``("done", k, busy_seconds)``, or ``("error", k, is_user_error, text)``.
+    [entry, ...])``, ``("done", k, {seconds, cpu_main, cpu_total})``, or ``("error", k,
+    is_user_error, text)``.
     """
     k = spec.worker
     try:
@@ -446,7 +447,7 @@ def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None
 
         batch: list[tuple[dict[str, Any], _Steps]] = []
         batch_bytes, batch_start = 0, 0.0
-        started = time.monotonic()
+        started, cpu_main, cpu_all = time.monotonic(), time.thread_time(), time.process_time()
         while (eid := tasks.get()) is not None:
             env_seed, policy_seed = episode_seeds(spec.seed, int(eid))
             ep = _run_episode(env, policy, env_seed, policy_seed, spec.max_episode_steps, on_steps)
@@ -464,7 +465,9 @@ def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None
             committer.submit(batch)
         committer.close()
         env.close()
-        results.put(("done", k, time.monotonic() - started))
+        results.put(("done", k, {"seconds": time.monotonic() - started,
+                                 "cpu_main": time.thread_time() - cpu_main,
+                                 "cpu_total": time.process_time() - cpu_all}))
     finally:
         lock.release()
 
@@ -705,6 +708,7 @@ class _Job:
     progress: _Progress
     started: dict[int, float] = field(default_factory=dict)  # worker -> time it was ready
     done: dict[int, float] = field(default_factory=dict)  # worker -> time it finished
+    usage: dict[int, dict[str, float]] = field(default_factory=dict)  # worker -> busy/CPU s
     stopped: bool = False
 
 
@@ -727,6 +731,7 @@ def _handle(job: _Job, msg: tuple[Any, ...], tasks: QueueLike) -> None:
         job.progress.committed += len(msg[2])
     elif kind == "done":
         job.done[k] = time.monotonic()
+        job.usage[k] = dict(msg[2])
     elif kind == "error":
         if msg[2]:
             raise UserError(msg[3])
@@ -936,6 +941,9 @@ def _finish(job: _Job, manifest: dict[str, Any], before: dict[int, int]) -> Path
         "startup_seconds": round(first - progress.start, 3),
         "active_seconds": round(active, 3),
         "fps": round(progress.frames / active, 1),
+        # CPU seconds of the workers' env threads and of whole worker processes (env + writer)
+        "cpu_main_seconds": round(sum(u["cpu_main"] for u in job.usage.values()), 3),
+        "cpu_total_seconds": round(sum(u["cpu_total"] for u in job.usage.values()), 3),
     }
     manifest = read_manifest(loc)
     manifest["runs"] = [*manifest.get("runs", []), run_info]

@@ -353,11 +353,11 @@ class ShardWriter:
                     dtype=dtype,
                     compressors=_zstd(),
                     fill_value=False if dtype == "bool" else 0,
-                    config={"write_empty_chunks": True},  # skips a slow all-fill check per chunk
                 )
             if arr.shape[0] != self.end:  # drop an uncommitted tail, or repair a short array
                 arr.resize((self.end, *shape))
-            self.arrays[name] = arr
+            # A runtime setting (not stored): skips zarr's slow all-fill check of every chunk.
+            self.arrays[name] = arr.with_config({"write_empty_chunks": True})
 
     def write(self, items: Sequence[tuple[dict[str, Any], Episode]]) -> list[dict[str, Any]]:
         """Append episodes and commit them in one index update.
