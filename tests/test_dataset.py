@@ -111,6 +111,18 @@ def test_verify_detects_rewritten_values_by_checksum(data: Path, tmp_path: Path,
     assert out.count("BAD") == 1
 
 
+def test_reads_an_fsspec_url(data: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    fs.put(str(data), "/copied", recursive=True)
+    remote, local = open_dataset("memory://copied"), open_dataset(data)
+    assert remote.episode_index() == local.episode_index()
+    for got, want in zip(remote.episode(4), local.episode(4), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert print_verify("memory://copied") == 0
+    fs.rm("/copied", recursive=True)
+
+
 def test_open_errors_are_one_line_user_errors(data: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such dataset"):
         open_dataset(tmp_path / "missing")

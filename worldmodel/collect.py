@@ -893,8 +893,7 @@ def _run_locked(cfg: Config, loc: Location, make_policy: MakePolicy | None) -> P
     manifest = _prepare_manifest(cfg, loc, c.workers)
     committed = _committed(loc, manifest["shards"])
     plan = _Plan(cfg, committed, c.workers)
-    if not loc.remote:
-        cfg.save(Path(loc.path("config.yaml")))
+    loc.write_text(cfg.to_yaml(), "config.yaml")
     if plan.complete:
         log.info("collect: %s already holds the requested data (%d episodes, %d frames)",
                  loc, len(committed), sum(committed.values()))
