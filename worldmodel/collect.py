@@ -449,12 +449,12 @@ def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None
         batch_bytes, batch_start = 0, 0.0
         started, cpu_main, cpu_all = time.monotonic(), time.thread_time(), time.process_time()
         while (eid := tasks.get()) is not None:
+            if not batch:  # the age of a batch counts from its first step
+                batch_start = time.monotonic()
             env_seed, policy_seed = episode_seeds(spec.seed, int(eid))
             ep = _run_episode(env, policy, env_seed, policy_seed, spec.max_episode_steps, on_steps)
             results.put(("finished", k, int(eid), ep.length, unreported))
             unreported = 0
-            if not batch:
-                batch_start = time.monotonic()
             batch.append(({"id": int(eid), "seed": env_seed, "policy_seed": policy_seed}, ep))
             batch_bytes += ep.length * step_bytes
             if (batch_bytes >= spec.commit_bytes
