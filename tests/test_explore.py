@@ -35,6 +35,15 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: one thread is faster, and 2 threads on a busy 2-core machine are ~6x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 4-episode Reach dataset at 16 px and a VAE trained on it for a few seconds."""
@@ -47,8 +56,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = collect(cfg, root / "data")
     frames = np.concatenate([ep.obs for ep in open_dataset(data)])
     x = frames_to_tensor(frames)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine are several times slower
     torch.manual_seed(0)
     model = build_vae(cfg.vae, cfg.env)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -58,7 +65,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.set_num_threads(threads)
     vae_run = root / "vae"
     vae_run.mkdir()
     cfg.save(vae_run / "config.yaml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -29,6 +30,15 @@ SIZE = 16  # frame side; the display scale is round(64 / 16) = 4
 LATENT = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: one thread is faster, and 2 threads on a busy 2-core machine are ~6x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_dataset(path: Path, size: int = SIZE, episodes: int = 4) -> Path:
     from worldmodel.collect import run as collect
 
@@ -41,14 +51,12 @@ def make_vae_run(path: Path, data: Path | None, size: int = SIZE, steps: int = 2
     """A tiny VAE trained for a few steps on ``data`` (random init when ``data`` is None).
 
     beta = 0.1 so that a few steps give latents that matter (at beta = 1 it first sits at the
-    mean image); one torch thread, as 2 threads on a busy 2-core machine are 6x slower.
+    mean image).
     """
     cfg = resolve_config(None, [f"env.image_size={size}", "vae.widths=[8, 16]",
                                 f"vae.latent_dim={LATENT}"])
     torch.manual_seed(0)
     model = build_vae(cfg.vae, cfg.env)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     if data is not None and steps:
         reader = open_dataset(data)
         x = frames_to_tensor(np.concatenate([ep.obs for ep in reader]))
@@ -59,7 +67,6 @@ def make_vae_run(path: Path, data: Path | None, size: int = SIZE, steps: int = 2
             opt.zero_grad()
             loss.backward()
             opt.step()
-    torch.set_num_threads(threads)
     path.mkdir(parents=True, exist_ok=True)
     cfg.save(path / "config.yaml")
     save_checkpoint(path / "best.pt", {"model": model.state_dict(), "step": steps})
@@ -76,12 +83,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def result(setup: dict[str, Path]) -> dict[str, Path]:
-    """Run the stage once through the CLI, as a user would."""
+    """Run the stage once through the CLI, as a user would (t-SNE: PCA is tested below)."""
     from worldmodel.cli import main
 
     out = setup["root"] / "out"
     assert main(["-q", "visualize", str(setup["vae"]), "--data", str(setup["data"]),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--method", "tsne"]) == 0
     return {**setup, "out": out}
 
 
@@ -101,6 +108,8 @@ def test_all_files_are_written(result: dict[str, Path]) -> None:
         _not_blank(iio.imread(out / name))
     assert report["sample"]["frames"] == open_dataset(result["data"]).num_frames  # all < 2000
     assert len(report["kl_per_dim"]) == LATENT
+    assert report["projection"].startswith("t-SNE")
+    assert report["run"]["checkpoint"] == "best.pt"
 
 
 def test_reconstruction_grid_is_originals_over_reconstructions(result: dict[str, Path]) -> None:

@@ -105,7 +105,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     vae_run = Path(args.vae_run)
     out = Path(args.out) if args.out else vae_run / "visualize"
-    result = _stage("worldmodel.visualize", 8).run(vae_run, Path(args.data), out)
+    result = _stage("worldmodel.visualize", 8).run(vae_run, Path(args.data), out,
+                                                   method=args.method)
     return _done(result, "visualizations")
 
 
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vae_run", metavar="VAE_RUN")
     p.add_argument("--data", "-d", required=True, metavar="DATA", help="Dataset folder.")
     p.add_argument("--out", "-o", metavar="DIR", help="Output folder (default VAE_RUN/visualize).")
+    p.add_argument("--method", choices=["pca", "tsne", "umap"], default="pca",
+                   help="2-D projection of the latents (umap needs umap-learn).")
     p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("explore", help="Interactive latent-space explorer in the browser.")

@@ -90,6 +90,8 @@ __all__ = [
 
 #: A latent dimension whose mean KL exceeds this (nats) is "active" (train-vae's threshold).
 ACTIVE_KL_NATS = 0.01
+#: Sample frames that are also decoded (reconstruction grid and error).
+RECON_FRAMES = 512
 #: Grey used between tiles.
 PAD_VALUE = 128
 #: A sprite larger than this (pixels per side) is not shown by TensorBoard's projector.
@@ -144,8 +146,7 @@ def load_inputs(vae_run: Path, data: Path | None) -> tuple[LoadedVAE, DatasetRea
     if not vae_run.is_dir():
         raise UserError(f"VAE run {str(vae_run)!r} not found; pass a `worldmodel train-vae` "
                         "run folder")
-    best = (vae_run / "best.pt").is_file() or not (vae_run / "last.pt").is_file()
-    vae = load_vae(vae_run, "best" if best else "last")
+    vae = load_vae(vae_run, "last" if _checkpoint_name(vae_run) == "last.pt" else "best")
     if data is None:
         return vae, None
     from worldmodel.dataset import open_dataset
@@ -166,6 +167,13 @@ def load_inputs(vae_run: Path, data: Path | None) -> tuple[LoadedVAE, DatasetRea
     if got is not None and got != want:
         log.warning("visualize: the VAE was trained on %s but the dataset is from %s", want, got)
     return vae, reader
+
+
+def _checkpoint_name(vae_run: Path) -> str:
+    """The checkpoint :func:`load_inputs` loads: ``best.pt``, else ``last.pt``."""
+    if (vae_run / "best.pt").is_file() or not (vae_run / "last.pt").is_file():
+        return "best.pt"
+    return "last.pt"
 
 
 def sample_frames(
@@ -296,6 +304,9 @@ def project_2d(z: np.ndarray, method: Method = "pca", seed: int = 0) -> tuple[np
         return xy.astype(np.float32), f"PCA, explained variance {ev[0]:.0%} + {ev[1]:.0%}"
     if method == "tsne":
         from sklearn.manifold import TSNE
+
+        if len(z) > 1000:
+            log.info("visualize: t-SNE of %d points takes about a minute on 2 cores", len(z))
 
         perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3)))
         xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed
@@ -678,7 +689,8 @@ class _Encoded(NamedTuple):
 
     sample: Sample
     post: Posterior
-    recon: np.ndarray  # (N, H, W, C) uint8, decoded posterior means
+    shown: np.ndarray  # (M,) indices of the sample frames that are reconstructed (M <= 512)
+    recon: np.ndarray  # (M, H, W, C) uint8, decoded posterior means of those frames
     kl: np.ndarray  # (Z,) mean KL per dimension
     std: np.ndarray  # (Z,) std of mu over the sample
 
@@ -701,12 +713,15 @@ def _projector_subset(n: int, h: int, seed: int) -> np.ndarray:
 
 
 def _reconstruction_grid(enc: _Encoded, pick: np.ndarray, scale: int) -> bytes:
-    """Rows of up to 8 originals, each over its reconstructions."""
+    """Rows of up to 8 originals, each over its reconstructions.
+
+    :param pick: positions in ``enc.shown`` / ``enc.recon``.
+    """
     cols = min(8, len(pick))
     rows = []
     for lo in range(0, len(pick) - cols + 1, cols):
         chunk = pick[lo : lo + cols]
-        rows += [enc.sample.frames[chunk], enc.recon[chunk]]
+        rows += [enc.sample.frames[enc.shown[chunk]], enc.recon[chunk]]
     return png_bytes(_tile(_upscale(_rgb(np.stack(rows)), scale)))
 
 
@@ -761,7 +776,8 @@ def _metrics(vae_run: Path, vae: LoadedVAE, reader: DatasetReader, max_frames: i
             log.warning("visualize: %s is unreadable (%s); ignoring it", path, e)
     rep = _find_representation(summary)
     if rep is not None:
-        return summary, rep, f"From {path}."
+        return summary, rep, (f"From {path} (train-vae's final model; the pictures below use "
+                              f"{_checkpoint_name(vae_run)}).")
     if reader.has_state:
         rep = _compute_representation(vae, reader, max_frames, seed)
         if rep is not None:
@@ -771,12 +787,13 @@ def _metrics(vae_run: Path, vae: LoadedVAE, reader: DatasetReader, max_frames: i
 
 
 def _sample_stats(enc: _Encoded) -> dict[str, Any]:
-    frames = enc.sample.frames.astype(np.float32) / 255.0
+    frames = enc.sample.frames[enc.shown].astype(np.float32) / 255.0
     mse = float(np.mean((frames - enc.recon.astype(np.float32) / 255.0) ** 2))
     return {
-        "frames": len(frames),
+        "frames": len(enc.sample.frames),
         "episodes": len(np.unique(enc.sample.episode)),
         "recon_mse_per_pixel": mse,
+        "recon_frames": len(frames),
         "kl_total": float(enc.kl.sum()),
         "active_units": int((enc.kl > ACTIVE_KL_NATS).sum()),
         "dims_with_var_mu_above_0.01": int((enc.post.mu.var(0) > 0.01).sum()),
@@ -870,12 +887,14 @@ def run(
     sample = sample_frames(reader, max_frames, seed)
     step(f"encoding {len(sample.frames)} frames")
     post = posterior(vae, sample.frames)
-    enc = _Encoded(sample, post, vae.decode(post.mu), kl_per_dim(post.mu, post.logvar),
-                   post.mu.std(0))
     rng = np.random.default_rng(seed)
+    n = len(sample.frames)
+    shown = np.sort(rng.choice(n, min(n, RECON_FRAMES), replace=False))
+    enc = _Encoded(sample, post, shown, vae.decode(post.mu[shown]),
+                   kl_per_dim(post.mu, post.logvar), post.mu.std(0))
     scale = _display_scale(vae.image_shape[0])
-    pick = np.sort(rng.choice(len(sample.frames), min(16, len(sample.frames)), replace=False))
-    centre = int(pick[0])
+    pick = np.sort(rng.choice(len(shown), min(16, len(shown)), replace=False))
+    centre = int(shown[pick[0]])
     files: dict[str, bytes] = {}
 
     step("reconstruction grid")
@@ -906,7 +925,8 @@ def run(
     files_out = sorted([*files, video.name, "projector/", "visualize.html", "visualize.json"])
     report: dict[str, Any] = {
         "vae_run": str(vae_run), "data": str(data), "weights_hash": vae.weights_hash,
-        "run": {"VAE run": str(vae_run), "weights (sha256)": vae.weights_hash[:16],
+        "run": {"VAE run": str(vae_run), "checkpoint": _checkpoint_name(vae_run),
+                "weights (sha256)": vae.weights_hash[:16],
                 "dataset": str(data), "env": reader.manifest.get("env_id"),
                 "frames": "x".join(map(str, vae.image_shape)), "latent_dim": vae.latent_dim},
         "sample": _sample_stats(enc), "kl_per_dim": [float(v) for v in enc.kl],
