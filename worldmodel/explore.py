@@ -27,6 +27,7 @@ import base64
 import json
 import logging
 import signal
+import socket
 import threading
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -202,6 +203,8 @@ class ExplorerServer(ThreadingHTTPServer):
 
         self.explorer = explorer
         self.page = files("worldmodel").joinpath("static", "explore.html").read_bytes()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     @property
@@ -209,7 +212,11 @@ class ExplorerServer(ThreadingHTTPServer):
         """Where the page is served."""
         host, port = self.server_address[:2]
         shown = host if isinstance(host, str) else host.decode()
-        return f"http://{'127.0.0.1' if shown in ('0.0.0.0', '') else shown}:{port}/"
+        if shown in ("0.0.0.0", ""):
+            shown = "127.0.0.1"
+        elif shown == "::":
+            shown = "::1"
+        return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
 
 
 def _int_arg(query: dict[str, list[str]], name: str, default: int | None = None) -> int:

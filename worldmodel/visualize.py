@@ -293,6 +293,9 @@ def project_2d(z: np.ndarray, method: Method = "pca", seed: int = 0) -> tuple[np
     :return: ``(N, 2)`` float32 coordinates and a one-line description of the projection.
     """
     z = np.asarray(z, np.float64)
+    if method == "tsne" and len(z) < 5:
+        log.info("visualize: %d points are too few for t-SNE; using PCA", len(z))
+        method = "pca"
     if z.shape[1] == 1:  # nothing to project: plot the one dimension against zero
         return np.c_[z, np.zeros_like(z)].astype(np.float32), "the single latent dimension"
     if method == "pca":
@@ -885,6 +888,9 @@ def run(
     assert reader is not None
     step(f"sampling up to {max_frames} of {reader.num_frames} frames from {data}")
     sample = sample_frames(reader, max_frames, seed)
+    if len(sample.frames) < 2:
+        raise UserError(f"{data} holds {len(sample.frames)} frame(s); visualize needs at "
+                        "least 2 (collect more episodes)")
     step(f"encoding {len(sample.frames)} frames")
     post = posterior(vae, sample.frames)
     rng = np.random.default_rng(seed)
