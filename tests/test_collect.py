@@ -207,3 +207,14 @@ def test_brownian_policy_discrete_is_sticky() -> None:
     steps = np.diff(walk, axis=0)
     inside = (walk[1:] > 0) & (walk[1:] < 1) & (walk[:-1] > 0) & (walk[:-1] < 1)
     assert abs(steps[inside].std() - np.sqrt(1 / 50)) < 0.02
+
+
+def test_frame_buffer_grows_and_keeps_frames() -> None:
+    from worldmodel.collect import _FrameBuffer
+
+    buf = _FrameBuffer((2, 2, 1), capacity=2)
+    frames = [np.full((2, 2, 1), i, np.uint8) for i in range(5)]
+    for f in frames:
+        buf.append(f)
+    assert buf.n == 5 and len(buf.data) >= 5
+    np.testing.assert_array_equal(buf.data[:5], np.stack(frames))

@@ -198,7 +198,7 @@ def make_builtin_policy(name: str, space: spaces.Space[Any], dt: float = 1 / 50)
 
 @dataclass
 class _Steps:
-    """An episode as Python lists, stacked later in the writer thread (off the env loop)."""
+    """An episode as Python lists (frames may go to a :class:`_FrameBuffer` instead)."""
 
     obs: list[np.ndarray] = field(default_factory=list)
     action: list[Any] = field(default_factory=list)
@@ -212,6 +212,27 @@ class _Steps:
         return len(self.reward)
 
 
+class _FrameBuffer:
+    """A reused, growable ``(capacity, H, W, C)`` uint8 array that frames are copied into.
+
+    Keeping every frame object alive until a commit would make each step allocate fresh memory
+    (page faults, cold caches); copying into two reused buffers keeps the env loop as cheap as
+    a bare loop and hands the writer one contiguous array.
+    """
+
+    def __init__(self, frame_shape: tuple[int, ...], capacity: int) -> None:
+        self.data = np.empty((max(capacity, 1), *frame_shape), np.uint8)
+        self.n = 0
+
+    def append(self, frame: np.ndarray) -> None:
+        if self.n == len(self.data):  # a long episode: grow (rare)
+            bigger = np.empty((2 * len(self.data), *self.data.shape[1:]), np.uint8)
+            bigger[: self.n] = self.data
+            self.data = bigger
+        self.data[self.n] = frame
+        self.n += 1
+
+
 def _run_episode(
     env: gym.Env[np.ndarray, Any],
     policy: Policy,
@@ -219,6 +240,7 @@ def _run_episode(
     policy_seed: int,
     max_steps: int | None = None,
     on_steps: Callable[[int], None] | None = None,
+    obs_sink: Callable[[np.ndarray], None] | None = None,
 ) -> _Steps:
     seed = getattr(policy, "seed", None)
     if callable(seed):
@@ -226,10 +248,11 @@ def _run_episode(
     obs, info = env.reset(seed=env_seed)
     policy.reset(obs, info)
     ep = _Steps(state=[] if "state" in info else None)
+    keep_obs = ep.obs.append if obs_sink is None else obs_sink
     states = ep.state
     t = 0
     while True:
-        ep.obs.append(obs)
+        keep_obs(obs)
         if states is not None:
             states.append(info["state"])
         action = policy.act(obs, info)
@@ -294,7 +317,7 @@ class WorkerSpec:
     max_episode_steps: int | None
     layout: Layout
     commit_seconds: float
-    commit_bytes: int = 16 * 2**20  # below glibc's mmap threshold: buffers get reused
+    commit_bytes: int = 16 * 2**20  # per batch; two reused frame buffers of about this size
     make_policy: MakePolicy | None = None
     parent_pid: int | None = None
 
@@ -327,12 +350,18 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _stack(spec: WorkerSpec, batch: list[tuple[dict[str, Any], _Steps]]) -> dict[str, np.ndarray]:
-    """Concatenate a batch of episodes into one array per stored field."""
-    out: dict[str, np.ndarray] = {}
+_Batch = tuple[_FrameBuffer, list[tuple[dict[str, Any], _Steps]]]
+
+
+def _stack(spec: WorkerSpec, batch: _Batch) -> dict[str, np.ndarray]:
+    """One array per stored field for a batch of episodes (frames: a view of the buffer)."""
+    frames, episodes = batch
+    out: dict[str, np.ndarray] = {"obs": frames.data[: frames.n]}
     for name, (shape, dtype) in spec.layout.fields().items():
-        flat = [x for _, ep in batch for x in getattr(ep, name)]
-        # np.stack copies frames ~8x faster than np.asarray(list, dtype=...)
+        if name == "obs":
+            continue
+        flat = [x for _, ep in episodes for x in getattr(ep, name)]
+        # np.stack copies arrays ~8x faster than np.asarray(list, dtype=...)
         arr = np.stack(flat) if isinstance(flat[0], np.ndarray) else np.asarray(flat)
         arr = arr.astype(dtype, copy=False)
         want = (len(flat), *shape)
@@ -348,40 +377,60 @@ def _stack(spec: WorkerSpec, batch: list[tuple[dict[str, Any], _Steps]]) -> dict
 
 
 class _Committer:
-    """The worker's writer thread: stacks, compresses, writes and commits batches of episodes."""
+    """The worker's writer thread: compresses, writes and commits batches of episodes.
+
+    Two frame buffers circulate: the env loop fills one while this thread writes the other;
+    :meth:`free_buffer` blocks while both are busy (back-pressure on a slow disk).
+    """
 
     def __init__(self, spec: WorkerSpec, writer: ShardWriter, results: QueueLike) -> None:
         self.spec, self.writer, self.results = spec, writer, results
-        self.jobs: queue.Queue[list[tuple[dict[str, Any], _Steps]] | None] = queue.Queue(1)
+        self.jobs: queue.Queue[_Batch | None] = queue.Queue()
+        self.free: queue.Queue[_FrameBuffer] = queue.Queue()
+        frame_bytes = math.prod(spec.layout.frame_shape)
+        for _ in range(2):
+            self.free.put(_FrameBuffer(spec.layout.frame_shape,
+                                       spec.commit_bytes // frame_bytes + 1024))
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="commit", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
         while (batch := self.jobs.get()) is not None:
-            if self.error is not None:
-                continue
-            try:
-                stacked = _stack(self.spec, batch)
-                if self.spec.parent_pid is not None and os.getppid() != self.spec.parent_pid:
-                    os._exit(1)  # orphaned: never commit what a new collector may redo
-                entries = self.writer.write_stacked([m for m, _ in batch],
-                                                    [ep.length for _, ep in batch], stacked)
-                light = [{k: e[k] for k in ("id", "length", "return")} for e in entries]
-                self.results.put(("committed", self.spec.worker, light))
-            except BaseException as e:
-                self.error = e
+            frames = batch[0]
+            if self.error is None:
+                try:
+                    self._write(batch)
+                except BaseException as e:
+                    self.error = e
+            frames.n = 0
+            self.free.put(frames)
 
-    def submit(self, batch: list[tuple[dict[str, Any], _Steps]]) -> None:
-        """Queue a batch (blocks while the previous one is still being written)."""
+    def _write(self, batch: _Batch) -> None:
+        stacked = _stack(self.spec, batch)
+        if self.spec.parent_pid is not None and os.getppid() != self.spec.parent_pid:
+            os._exit(1)  # orphaned: never commit what a new collector may redo
+        episodes = batch[1]
+        entries = self.writer.write_stacked([m for m, _ in episodes],
+                                            [ep.length for _, ep in episodes], stacked)
+        light = [{k: e[k] for k in ("id", "length", "return")} for e in entries]
+        self.results.put(("committed", self.spec.worker, light))
+
+    def free_buffer(self) -> _FrameBuffer:
+        """An empty frame buffer (waits while both are being filled or written)."""
         while True:
             if self.error is not None:
                 raise self.error
             try:
-                self.jobs.put(batch, timeout=0.5)
-                return
-            except queue.Full:
+                return self.free.get(timeout=0.5)
+            except queue.Empty:
                 continue
+
+    def submit(self, batch: _Batch) -> None:
+        """Hand a full batch to the writer thread."""
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(batch)
 
     def close(self) -> None:
         """Write what is queued and stop; re-raise a writer error."""
@@ -445,24 +494,27 @@ def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None
                 results.put(("steps", k, unreported))
                 unreported, last_report = 0, now
 
-        batch: list[tuple[dict[str, Any], _Steps]] = []
+        episodes: list[tuple[dict[str, Any], _Steps]] = []
+        frames = committer.free_buffer()
         batch_bytes, batch_start = 0, 0.0
         started, cpu_main, cpu_all = time.monotonic(), time.thread_time(), time.process_time()
         while (eid := tasks.get()) is not None:
-            if not batch:  # the age of a batch counts from its first step
+            if not episodes:  # the age of a batch counts from its first step
                 batch_start = time.monotonic()
             env_seed, policy_seed = episode_seeds(spec.seed, int(eid))
-            ep = _run_episode(env, policy, env_seed, policy_seed, spec.max_episode_steps, on_steps)
+            ep = _run_episode(env, policy, env_seed, policy_seed, spec.max_episode_steps,
+                              on_steps, frames.append)
             results.put(("finished", k, int(eid), ep.length, unreported))
             unreported = 0
-            batch.append(({"id": int(eid), "seed": env_seed, "policy_seed": policy_seed}, ep))
+            episodes.append(({"id": int(eid), "seed": env_seed, "policy_seed": policy_seed}, ep))
             batch_bytes += ep.length * step_bytes
             if (batch_bytes >= spec.commit_bytes
                     or time.monotonic() - batch_start >= spec.commit_seconds):
-                committer.submit(batch)
-                batch, batch_bytes = [], 0
-        if batch:
-            committer.submit(batch)
+                committer.submit((frames, episodes))
+                episodes, batch_bytes = [], 0
+                frames = committer.free_buffer()
+        if episodes:
+            committer.submit((frames, episodes))
         committer.close()
         env.close()
         results.put(("done", k, {"seconds": time.monotonic() - started,
