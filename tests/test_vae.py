@@ -22,8 +22,10 @@ from worldmodel.vae import (
 
 @pytest.mark.parametrize("size", [64, 84, 96])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_shapes_and_dtypes_for_each_input_size(size: int, channels: int) -> None:
-    model = ConvVAE(image_size=size, channels=channels, latent_dim=5, widths=(4, 4, 8, 8))
+@pytest.mark.parametrize("decoder", ["deconv", "broadcast"])
+def test_shapes_and_dtypes_for_each_input_size(size: int, channels: int, decoder: str) -> None:
+    model = ConvVAE(image_size=size, channels=channels, latent_dim=5, widths=(4, 4, 8, 8),
+                    decoder=decoder)  # type: ignore[arg-type]
     x = torch.rand(2, channels, size, size)
     out = model(x)
     assert isinstance(out, VAEOutput)
@@ -41,6 +43,18 @@ def test_default_model_is_world_models_v() -> None:
     assert all(c.kernel_size == (4, 4) and c.stride == (2, 2) for c in convs)
     assert model.feature_dim == 256 * 4 * 4
     assert model.decode(torch.zeros(3, 32)).shape == (3, 3, 64, 64)
+
+
+def test_broadcast_decoder_tiles_z_over_an_8x8_grid_with_coordinates() -> None:
+    model = ConvVAE(image_size=64, latent_dim=6, widths=(8, 8, 16, 16), decoder="broadcast")
+    assert model.broadcast is not None and model.fc_decode is None
+    assert model.broadcast.size == 8 and model.broadcast.conv1.in_channels == 6 + 2
+    assert model.broadcast.coords[0, 0, 0].tolist() == pytest.approx(np.linspace(-1, 1, 8))
+    ups = [m for m in model.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(ups) == 3  # 8 -> 16 -> 32 -> 64
+    assert ConvVAE(84, decoder="broadcast").broadcast.size == 10  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="deconv or broadcast"):
+        ConvVAE(decoder="nope")  # type: ignore[arg-type]
 
 
 def test_too_many_widths_for_the_image_is_a_config_error() -> None:

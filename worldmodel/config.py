@@ -114,6 +114,15 @@ class VAEConfig(Section):
         min_length=1,
         description="Encoder conv channels (stride 2 each); the decoder mirrors them.",
     )
+    decoder: Literal["deconv", "broadcast"] = Field(
+        "deconv",
+        description="deconv: World Models' decoder (linear layer, transposed convs); broadcast: "
+        "a spatial broadcast decoder (z tiled over a grid with x/y channels), which learns "
+        "object positions as linear latent directions.",
+    )
+    broadcast_size: int = Field(
+        8, ge=1, description="broadcast decoder: grid side (the smallest encoder map >= this)."
+    )
     beta: float = Field(1.0, ge=0.0, description="Weight of the KL term.")
     kl_tolerance: float = Field(
         0.0, ge=0.0, description="Free bits: KL per latent dimension below this is not penalised."

@@ -123,6 +123,40 @@ def _conv_sizes(image_size: int, n_layers: int) -> list[int]:
     return sizes
 
 
+class SpatialBroadcast(nn.Module):
+    """The head of a spatial broadcast decoder (Watters et al. 2019, arXiv:1901.07017).
+
+    ``z`` is copied to every cell of an ``s x s`` grid, two channels with the cell's ``x`` and
+    ``y`` in ``[-1, 1]`` are appended, and two 3x3 convs (ReLU) make a ``(B, C, s, s)`` feature
+    map. Drawing an object at position ``p`` then only needs "compare ``p`` with the cell's
+    coordinates", which a latent holding ``p`` linearly makes easiest: the VAE learns object
+    positions as (nearly) linear latent directions, where the ``deconv`` decoder often learns a
+    folded code that a linear probe cannot read (measured on Reach, see configs/quickstart.yaml).
+
+    :param latent_dim: ``Z``.
+    :param channels: ``C``, output channels.
+    :param size: ``s``, grid side.
+    """
+
+    coords: Tensor  # (1, 2, s, s) buffer: x and y of each cell
+
+    def __init__(self, latent_dim: int, channels: int, size: int) -> None:
+        super().__init__()
+        self.size = size
+        lin = torch.linspace(-1.0, 1.0, size)
+        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+        self.register_buffer("coords", torch.stack([xx, yy])[None], persistent=False)
+        self.conv1 = nn.Conv2d(latent_dim + 2, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``(B, Z)`` -> ``(B, C, s, s)``."""
+        b = z.shape[0]
+        grid = z[:, :, None, None].expand(b, z.shape[1], self.size, self.size)
+        h = torch.cat([grid, self.coords.expand(b, 2, self.size, self.size)], dim=1)
+        return F.relu(self.conv2(F.relu(self.conv1(h))))
+
+
 class ConvVAE(nn.Module):
     """Convolutional VAE; see the module docstring for the architecture and the loss.
 
@@ -130,6 +164,10 @@ class ConvVAE(nn.Module):
     :param channels: input channels ``C`` (1 grayscale, 3 RGB).
     :param latent_dim: size ``Z`` of the latent vector.
     :param widths: encoder conv channels, each conv halving the image; the decoder mirrors them.
+    :param decoder: ``deconv`` (World Models: a linear layer to the smallest feature map, then
+        transposed convs) or ``broadcast`` (spatial broadcast, see :class:`SpatialBroadcast`).
+    :param broadcast_size: with ``broadcast``, ``z`` is tiled over the smallest encoder feature
+        map at least this wide (8x8 at 64 px, 10x10 at 84 px), then mirrored transposed convs.
     """
 
     def __init__(
@@ -138,6 +176,8 @@ class ConvVAE(nn.Module):
         channels: int = 3,
         latent_dim: int = 32,
         widths: Sequence[int] = (32, 64, 128, 256),
+        decoder: Literal["deconv", "broadcast"] = "deconv",
+        broadcast_size: int = 8,
     ) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
@@ -164,10 +204,22 @@ class ConvVAE(nn.Module):
         self.fc_mu = nn.Linear(self.feature_dim, latent_dim)
         self.fc_logvar = nn.Linear(self.feature_dim, latent_dim)
 
-        self.fc_decode = nn.Linear(latent_dim, self.feature_dim)
+        if decoder == "deconv":
+            top = len(widths)
+            self.fc_decode: nn.Linear | None = nn.Linear(latent_dim, self.feature_dim)
+            self.broadcast: SpatialBroadcast | None = None
+        elif decoder == "broadcast":
+            # The smallest encoder feature map at least broadcast_size wide (8 for 64 px).
+            top = max(i for i in range(1, len(sizes)) if sizes[i] >= min(broadcast_size,
+                                                                         sizes[1]))
+            self.fc_decode = None
+            self.broadcast = SpatialBroadcast(latent_dim, widths[top - 1], sizes[top])
+        else:
+            raise ConfigError(f"vae.decoder must be deconv or broadcast, got {decoder!r}")
+        self.decoder_type = decoder
         ups: list[nn.Module] = []
         outs = [channels, *widths[:-1]]
-        for level in reversed(range(len(widths))):
+        for level in reversed(range(top)):
             ups.append(
                 nn.ConvTranspose2d(
                     widths[level], outs[level], 4, stride=2, padding=1,
@@ -176,7 +228,7 @@ class ConvVAE(nn.Module):
             )
             if level > 0:
                 ups.append(nn.ReLU())
-        #: ``(B, widths[-1], s, s)`` -> ``(B, C, H, W)`` logits.
+        #: ``(B, widths[top - 1], s, s)`` -> ``(B, C, H, W)`` logits.
         self.decoder = nn.Sequential(*ups)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,8 +242,10 @@ class ConvVAE(nn.Module):
 
     def decode_logits(self, z: Tensor) -> Tensor:
         """Pre-sigmoid decoder output: ``(B, Z)`` -> ``(B, C, H, W)`` float32."""
-        h = F.relu(self.fc_decode(z)).view(-1, *self._bottom)
-        return self.decoder(h)
+        if self.broadcast is not None:
+            return self.decoder(self.broadcast(z))
+        assert self.fc_decode is not None
+        return self.decoder(F.relu(self.fc_decode(z)).view(-1, *self._bottom))
 
     def decode(self, z: Tensor) -> Tensor:
         """Images from latents: ``(B, Z)`` float32 -> ``(B, C, H, W)`` float32 in ``[0, 1]``."""
@@ -240,6 +294,8 @@ def build_vae(vae_cfg: VAEConfig, env_cfg: EnvConfig) -> ConvVAE:
         channels=env_cfg.channels,
         latent_dim=vae_cfg.latent_dim,
         widths=vae_cfg.widths,
+        decoder=vae_cfg.decoder,
+        broadcast_size=vae_cfg.broadcast_size,
     )
 
 
