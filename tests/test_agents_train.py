@@ -32,10 +32,10 @@ def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_each_algo_trains_in_each_obs_mode(
     algo: str, mode: str, vae_run: Path, tmp_path: Path
 ) -> None:
-    cfg = agent_config(mode, algo, timesteps=96)
+    cfg = agent_config(mode, algo, timesteps=192)
     out = train.run(cfg, tmp_path / "run", vae=None if mode == "pixel" else vae_run)
     summary = read_json(out / "summary.json")
-    assert summary["timesteps"] >= 96 and summary["obs_mode"] == mode
+    assert summary["timesteps"] >= 192 and summary["obs_mode"] == mode
     assert summary["steps_per_second"] > 0 and summary["wall_seconds"] > 0
     records = read_jsonl(out / "evaluations.jsonl")
     assert records[0]["timesteps"] >= 64 and len(records[-1]["returns"]) == 2
