@@ -56,10 +56,8 @@ class AgentPolicy:
         self.latent = cfg.agent.latent
         self.epsilon = epsilon
         self.deterministic = deterministic
-        self.rng = np.random.default_rng(seed)
         self.action_space = copy.deepcopy(action_space)
-        self.action_space.seed(seed)
-        torch.manual_seed(seed)
+        self.seed(seed)
         if cfg.agent.obs_mode in LATENT_MODES:
             assert encoder is not None
             base: spaces.Box = latent_space(encoder.latent_dim)
@@ -68,6 +66,16 @@ class AgentPolicy:
         self._stack = StackedObservations(1, cfg.agent.history, base, "last")
         self._obs: np.ndarray | None = None
         self._fresh = False
+
+    def seed(self, seed: int) -> None:
+        """Re-seed the random actions and the policy's sampling.
+
+        The collector calls it before every episode, so an episode does not depend on the worker
+        that ran it.
+        """
+        self.rng = np.random.default_rng(seed)
+        self.action_space.seed(seed)
+        torch.manual_seed(seed)
 
     def _transform(self, frame: np.ndarray) -> np.ndarray:
         """One frame ``(H, W, C)`` -> ``(1, Z)`` latent, or ``(1, H, W, C)`` for pixel modes."""
