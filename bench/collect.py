@@ -117,7 +117,7 @@ def storage(data: Path) -> None:
 def loader_vs_trainer(data: Path, seconds: float = 3.0) -> None:
     import torch
 
-    from worldmodel.vae import build_vae, frames_to_tensor, vae_loss
+    from worldmodel.vae import ConvVAE, frames_to_tensor, vae_loss
 
     reader = open_dataset(data)
     cache = reader.num_frames * int(np.prod(reader.frame_shape)) // 4
@@ -130,8 +130,7 @@ def loader_vs_trainer(data: Path, seconds: float = 3.0) -> None:
         epoch += 1
     loader = frames / (time.perf_counter() - start)
 
-    cfg = resolve_config(None, ["env.image_size=64"])
-    model = build_vae(cfg.vae, cfg.env)
+    model = ConvVAE(image_size=64)  # World Models' encoder/decoder widths, z = 32
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(batch: np.ndarray) -> None:
