@@ -283,6 +283,8 @@ def _check_run_dir(cfg: Config, out: Path, resume: bool) -> None:
                 f"{out} already holds a trained agent; pass --resume to continue it, or choose "
                 "another --out"
             )
+        for stale in ("evaluations.jsonl", "train_state.json", "summary.json", "eval.json"):
+            (out / stale).unlink(missing_ok=True)  # from a run that died before its checkpoint
         return
     if not (out / "last.zip").is_file():
         raise UserError(f"nothing to resume: {out} has no last.zip; drop --resume to start")

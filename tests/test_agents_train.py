@@ -171,3 +171,13 @@ def test_clock_excludes_pauses_and_never_goes_back() -> None:
     readings.append(clock.seconds)
     assert readings == sorted(readings)
     assert readings[-1] - 10.0 < 0.05 and clock.elapsed - 12.0 >= 0.07
+
+
+def test_fresh_run_drops_records_of_a_run_that_died_before_its_checkpoint(
+    vae_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "evaluations.jsonl").write_text('{"timesteps": 999, "returns": [1.0]}\n')
+    train.run(agent_config("latent", timesteps=64), out, vae=vae_run)
+    assert [r["timesteps"] for r in read_jsonl(out / "evaluations.jsonl")] == [64]
