@@ -143,28 +143,37 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
                                                   g.name))
 
 
-def episode_seeds(seed: int, episodes: int) -> list[int]:
-    """The env seeds of evaluation episodes: ``seed, seed + 1, ...`` (as ``evaluate`` uses)."""
-    return [seed + i for i in range(episodes)]
+class _RandomModel:
+    """A stand-in for an SB3 model that acts uniformly at random (for ``evaluate_policy``)."""
+
+    def __init__(self, space: Any, n_envs: int, seed: int) -> None:
+        self.space, self.n_envs = space, n_envs
+        self.space.seed(seed)
+
+    def predict(self, *_: Any, **__: Any) -> tuple[np.ndarray, None]:
+        return np.stack([self.space.sample() for _ in range(self.n_envs)]), None
 
 
 def random_baseline(cfg: Config, episodes: int, seed: int) -> np.ndarray:
-    """Returns ``(episodes,)`` of a uniform random policy on ``cfg.env``, with eval seeds."""
-    from envs import make_env
+    """Returns ``(episodes,)`` of a uniform random policy, on the envs ``evaluate`` builds.
 
-    env = make_env(cfg.env)
-    env.action_space.seed(seed)
-    returns = []
-    for episode_seed in episode_seeds(seed, episodes):
-        env.reset(seed=episode_seed)
-        total, done = 0.0, False
-        while not done:
-            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return np.asarray(returns)
+    Like ``worldmodel evaluate``, it plays ``episodes`` on ``agent.eval_envs`` envs seeded
+    ``seed + i``, so the random policy meets the same episodes as the agents' final evaluation.
+    """
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    from envs import make_vec_env
+
+    n_envs = min(episodes, cfg.agent.eval_envs)
+    venv = make_vec_env(cfg.env, n_envs=n_envs, seed=seed)
+    try:
+        returns, _ = evaluate_policy(
+            _RandomModel(venv.action_space, n_envs, seed),
+            venv, n_eval_episodes=episodes, return_episode_rewards=True, warn=False,
+        )
+    finally:
+        venv.close()
+    return np.asarray(returns, dtype=np.float64)
 
 
 @contextlib.contextmanager
@@ -471,7 +480,7 @@ def run(runs: Sequence[Path], out: Path, cfg: CompareConfig) -> Path:
     agent_runs = [load_agent_run(Path(p)) for p in runs]
     groups = group_runs(agent_runs)
     first = agent_runs[0]
-    seed = first.eval_seed if first.eval_seed is not None else first.config.seed + 10_000
+    seed = first.eval_seed if first.eval_seed is not None else first.config.seed + 1000
     log.info("random baseline: %d episodes on %s", cfg.random_episodes, first.config.env.id)
     baseline = random_baseline(first.config, cfg.random_episodes, seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,8 @@ def agent_job(job: AgentJob) -> str:
     start = time.perf_counter()
     vae = Path(job.vae) if job.vae else None
     train.run(cfg, folder, vae=vae, resume=(folder / "last.zip").exists())
-    evaluate.run(folder, episodes=job.eval_episodes, video=False, deterministic=True, seed=None)
+    evaluate.run(folder, episodes=job.eval_episodes, video=False,
+                 deterministic=cfg.agent.eval_deterministic, seed=None)
     mark_done(folder, job.key, "train-agent", time.perf_counter() - start)
     return job.out
 
