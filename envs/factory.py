@@ -115,7 +115,7 @@ def make_env(
     if cfg.backend == "envpool":
         from envs.envpool import make_envpool_env
 
-        return make_envpool_env(cfg)
+        return make_envpool_env(cfg, render_mode=render_mode, **overrides)
     check_env_id(cfg.id)
     family = env_family(cfg.id)
     kwargs = {**cfg.kwargs, **overrides}
