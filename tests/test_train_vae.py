@@ -204,6 +204,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4
 
 
+def test_kl_warmup_ramps_the_kl_weight_to_beta() -> None:
+    cfg = _cfg("vae.beta=2.0", "vae.kl_warmup_steps=4")
+    assert [train_vae.kl_weight(cfg, s) for s in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert train_vae.kl_weight(_cfg("vae.beta=2.0"), 0) == 2.0
+
+
 def test_quality_warnings() -> None:
     good = {"val/active_units": 3.0, "val/mse_per_pixel": 0.002}
     assert train_vae.quality_warnings(good, mean_image_mse=0.02) == []

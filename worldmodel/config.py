@@ -124,6 +124,12 @@ class VAEConfig(Section):
         8, ge=1, description="broadcast decoder: grid side (the smallest encoder map >= this)."
     )
     beta: float = Field(1.0, ge=0.0, description="Weight of the KL term.")
+    kl_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Ramp the KL weight linearly from 0 to beta over this many steps (0: off); "
+        "lets the VAE leave the mean-image plateau sooner.",
+    )
     kl_tolerance: float = Field(
         0.0, ge=0.0, description="Free bits: KL per latent dimension below this is not penalised."
     )

@@ -15,8 +15,9 @@ and the torch RNG state (the only generator the loop draws from, for ``z`` sampl
 order is a function of ``(seed, epoch)`` (``FrameDataset.batches``), and ``step`` fixes the
 epoch and the batch within it, so ``--resume`` continues exactly where ``last.pt`` left off.
 
-Validation runs the model in eval mode (``z = mu``) on ``vae.val_frames`` frames sampled (seeded,
-once) from the held-out episodes; ``val/loss`` is the training loss with that deterministic ``z``.
+Validation runs the model in eval mode (``z = mu``) on ``vae.val_frames`` frames sampled
+(seeded, once) from the held-out episodes; ``val/loss`` is the training loss with that
+deterministic ``z`` and the full ``beta`` (no KL warm-up), so it is comparable across steps.
 ``active units`` counts latent dimensions whose batch-mean KL exceeds 0.01 nats.
 """
 
@@ -241,6 +242,15 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     return cfg.vae.steps if cfg.vae.steps is not None else int(cfg.vae.epochs or 1) * (
         batches_per_epoch
     )
+
+
+def kl_weight(cfg: Config, step: int) -> float:
+    """Weight of the KL term at optimizer step ``step`` (0-based).
+
+    ``beta``, ramped up linearly from 0 over the first ``vae.kl_warmup_steps`` steps.
+    """
+    warmup = cfg.vae.kl_warmup_steps
+    return cfg.vae.beta * min(1.0, step / warmup) if warmup else cfg.vae.beta
 
 
 def batch_stream(dataset: FrameDataset, step: int) -> Iterator[np.ndarray]:
@@ -502,7 +512,8 @@ def train_loop(s: Session) -> None:
     batches = batch_stream(s.train, s.prog.step)
     while s.prog.step < s.total:
         x = frames_to_tensor(next(batches), s.device)
-        terms = vae_loss(model(x), x, v.beta, v.kl_tolerance, v.recon_loss)
+        terms = vae_loss(model(x), x, kl_weight(s.cfg, s.prog.step), v.kl_tolerance,
+                         v.recon_loss)
         if not math.isfinite(terms.loss.item()):
             raise _nan_error(s, "the training loss")
         opt.zero_grad(set_to_none=True)
@@ -517,6 +528,7 @@ def train_loop(s: Session) -> None:
             now = time.perf_counter()
             s.prog.train_seconds += now - tick
             scalars, kl = window.means()
+            scalars["vae/kl_weight"] = kl_weight(s.cfg, step - 1)
             window = Window()
             scalars["time/frames_per_second"] = step * v.batch_size / max(s.prog.train_seconds,
                                                                           1e-9)
