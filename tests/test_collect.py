@@ -135,7 +135,7 @@ def test_refuses_a_dataset_of_other_settings(two_worker_data: tuple[Config, Path
 def test_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="policy factory"):
         run(small_cfg("collect.policy=agent:runs/x"), tmp_path / "a")
-    with pytest.raises(UserError, match="issue #9"):
+    with pytest.raises(UserError, match=r"set env\.backend=envpool"):
         run(small_cfg("collect.backend=envpool"), tmp_path / "b")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")

@@ -13,7 +13,21 @@ How a collection runs:
   ids with at least that many frames (extra episodes finished in parallel are dropped).
 * Backends: ``process`` (``multiprocessing`` with the spawn start method; workers die with the
   parent), ``ray`` (the same worker function as Ray tasks, e.g. on a cluster writing to shared
-  storage), ``envpool`` (issue #9).
+  storage), ``envpool`` (below).
+
+The ``envpool`` backend (used whenever ``env.backend`` is ``envpool``, unless ``collect.backend``
+is ``ray``; ``collect.backend=envpool`` needs ``env.backend=envpool``) steps ONE pool of
+``collect.workers`` EnvPool envs from one thread of this process (EnvPool's own threads, at most
+one per core, run the envs) and writes shard ``w0`` with the same writer thread, batching and
+per-episode atomic commits as a worker process, so a killed run resumes the same way. Each env
+of the pool ("slot") plays episode after episode; a slot takes the next episode id when its
+episode ends. What is reproducible: EnvPool seeds an env only when the pool is built, so slot
+``j`` is seeded with the env seed of the first episode it plays (:func:`episode_seeds`) and later
+episodes continue its random stream (index entries record ``seed``, ``env_slot`` and
+``slot_episode``, the slot's episode count before this one). Policies are re-seeded per episode
+as in the other backends. The same config and ``collect.workers`` give the same dataset, but a
+resumed run rebuilds the pool, so the episodes it adds differ from those an uninterrupted run
+would have collected (they are as valid: same env, policy and settings).
 
 Policies (``collect.policy``): ``random`` samples the action space; ``brownian`` is World
 Models' temporally correlated exploration (ctallec/world-models): for ``Box`` actions
@@ -226,11 +240,21 @@ class _FrameBuffer:
 
     def append(self, frame: np.ndarray) -> None:
         if self.n == len(self.data):  # a long episode: grow (rare)
-            bigger = np.empty((2 * len(self.data), *self.data.shape[1:]), np.uint8)
-            bigger[: self.n] = self.data
-            self.data = bigger
+            self._grow(self.n + 1)
         self.data[self.n] = frame
         self.n += 1
+
+    def extend(self, frames: np.ndarray) -> None:
+        """Append ``(T, H, W, C)`` frames."""
+        if self.n + len(frames) > len(self.data):
+            self._grow(self.n + len(frames))
+        self.data[self.n : self.n + len(frames)] = frames
+        self.n += len(frames)
+
+    def _grow(self, need: int) -> None:
+        bigger = np.empty((max(need, 2 * len(self.data)), *self.data.shape[1:]), np.uint8)
+        bigger[: self.n] = self.data[: self.n]
+        self.data = bigger
 
 
 def _run_episode(
@@ -320,6 +344,7 @@ class WorkerSpec:
     commit_bytes: int = 16 * 2**20  # per batch; two reused frame buffers of about this size
     make_policy: MakePolicy | None = None
     parent_pid: int | None = None
+    envs: int = 1  # envpool backend: envs in the pool
 
     @property
     def shard(self) -> str:
@@ -522,6 +547,196 @@ def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None
                                  "cpu_total": time.process_time() - cpu_all}))
     finally:
         lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# The envpool backend's worker: one thread stepping a pool of EnvPool envs
+
+
+@dataclass
+class _Slot:
+    """One env of the pool and the episode it is playing (``eid`` None: idle)."""
+
+    policy: Policy
+    frames: _FrameBuffer
+    eid: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    steps: _Steps = field(default_factory=_Steps)
+    obs: np.ndarray | None = None
+    played: int = 0  # episodes finished since the pool was built
+
+
+def envpool_worker(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
+                   stop: threading.Event, enough: Callable[[], bool]) -> None:
+    """Roll out the ids from ``tasks`` in a pool of ``spec.envs`` EnvPool envs into ``w0``.
+
+    The messages to ``results`` are those of :func:`collect_worker`. ``stop`` ends the loop
+    early; ``enough()`` (frames mode: the dataset is complete) lets it drop unfinished episodes
+    once no ids are left.
+    """
+    from gymnasium.error import Error as GymError
+
+    try:
+        _envpool_loop(spec, tasks, results, stop, enough)
+    except (UserError, GymError, ValueError) as e:
+        results.put(("error", spec.worker, True, f"collect (envpool): {e}"))
+    except BaseException:
+        results.put(("error", spec.worker, False, traceback.format_exc()))
+
+
+class _PoolRun:
+    """The state of :func:`envpool_worker`: slots, the batch being filled, progress counts."""
+
+    def __init__(self, spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
+                 committer: _Committer, stop: threading.Event) -> None:
+        self.spec, self.tasks, self.results, self.committer = spec, tasks, results, committer
+        self.stop = stop
+        self.exhausted = False  # no more ids will come
+        self.batch: list[tuple[dict[str, Any], _Steps]] = []
+        self.frames = committer.free_buffer()
+        self.batch_bytes, self.batch_start = 0, 0.0
+        self.step_bytes = sum(math.prod(s) * np.dtype(d).itemsize
+                              for s, d in spec.layout.fields().values())
+        self.unreported, self.last_report = 0, time.monotonic()
+
+    def next_id(self) -> int | None:
+        """The next episode id, or None when there are no more."""
+        while not self.exhausted:
+            try:
+                eid = self.tasks.get(timeout=0.2)
+            except queue.Empty:
+                self.exhausted = self.stop.is_set()
+                continue
+            self.exhausted = eid is None
+            return None if eid is None else int(eid)
+        return None
+
+    def start(self, slot: _Slot, eid: int, env_seed: int, obs: np.ndarray, index: int) -> None:
+        """Begin episode ``eid`` in ``slot`` (env ``index`` of the pool) on frame ``obs``."""
+        policy_seed = episode_seeds(self.spec.seed, eid)[1]
+        seed = getattr(slot.policy, "seed", None)
+        if callable(seed):
+            seed(policy_seed)
+        slot.policy.reset(obs, {})
+        slot.eid, slot.obs, slot.steps = eid, obs, _Steps()
+        slot.frames.n = 0
+        slot.meta = {"id": eid, "seed": env_seed, "policy_seed": policy_seed,
+                     "env_slot": index, "slot_episode": slot.played}
+
+    def counted(self, n: int) -> None:
+        """``n`` more frames stepped (reported about twice a second)."""
+        self.unreported += n
+        now = time.monotonic()
+        if now - self.last_report >= 0.5:
+            self.results.put(("steps", self.spec.worker, self.unreported))
+            self.unreported, self.last_report = 0, now
+
+    def finish(self, slot: _Slot) -> None:
+        """Hand ``slot``'s finished episode to the batch; commit the batch when due."""
+        assert slot.eid is not None
+        ep = slot.steps
+        self.results.put(("finished", self.spec.worker, slot.eid, ep.length, self.unreported))
+        self.unreported = 0
+        if not self.batch:  # the age of a batch counts from its first episode
+            self.batch_start = time.monotonic()
+        self.frames.extend(slot.frames.data[: slot.frames.n])
+        self.batch.append((slot.meta, ep))
+        self.batch_bytes += ep.length * self.step_bytes
+        slot.played += 1
+        if (self.batch_bytes >= self.spec.commit_bytes
+                or time.monotonic() - self.batch_start >= self.spec.commit_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        """Submit the batch to the writer thread."""
+        if self.batch:
+            self.committer.submit((self.frames, self.batch))
+            self.batch, self.batch_bytes = [], 0
+            self.frames = self.committer.free_buffer()
+
+
+def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
+                  stop: threading.Event, enough: Callable[[], bool]) -> None:
+    from envs.envpool import EnvPoolBatch, make_envpool_env
+
+    loc = Location(spec.root)
+    lock = shard_lock(loc, spec.shard)
+    lock.acquire(timeout=60.0, what=f"shard {spec.shard} of {loc}")
+    try:
+        writer = ShardWriter(loc, spec.shard, spec.layout, worker=spec.worker)
+        committer = _Committer(spec, writer, results)
+        run = _PoolRun(spec, tasks, results, committer, stop)
+        first = [eid for eid in (run.next_id() for _ in range(spec.envs)) if eid is not None]
+        started, cpu_main, cpu_all = time.monotonic(), time.thread_time(), time.process_time()
+        if first:
+            env_seeds = [episode_seeds(spec.seed, eid)[0] for eid in first]
+            pool = EnvPoolBatch(spec.env, env_seeds)
+            try:
+                spaces_env = make_envpool_env(spec.env)  # spaces only: no env is built
+                slots = [_Slot(_make_worker_policy(spec, spaces_env),
+                               _FrameBuffer(spec.layout.frame_shape, 1024)) for _ in first]
+                results.put(("started", spec.worker))
+                obs, _ = pool.reset()
+                for j, eid in enumerate(first):
+                    run.start(slots[j], eid, pool.seeds[j], obs[j], j)
+                _step_pool(run, pool, slots, stop, enough)
+            finally:
+                pool.close()
+        else:
+            results.put(("started", spec.worker))
+        run.flush()
+        committer.close()
+        results.put(("done", spec.worker, {"seconds": time.monotonic() - started,
+                                           "cpu_main": time.thread_time() - cpu_main,
+                                           "cpu_total": time.process_time() - cpu_all}))
+    finally:
+        lock.release()
+
+
+def _step_pool(run: _PoolRun, pool: Any, slots: list[_Slot], stop: threading.Event,
+               enough: Callable[[], bool]) -> None:
+    """Step the busy slots together until every slot is idle (or ``stop``/``enough``)."""
+    cap = run.spec.max_episode_steps
+    while not stop.is_set():
+        busy = [j for j, s in enumerate(slots) if s.eid is not None]
+        if not busy or (run.exhausted and enough()):
+            return
+        actions = []
+        for j in busy:
+            slot = slots[j]
+            assert slot.obs is not None
+            slot.frames.append(slot.obs)
+            actions.append(slot.policy.act(slot.obs, {}))
+        obs, reward, terminated, truncated, _ = pool.step(np.asarray(actions), busy)
+        ended = []
+        for row, j in enumerate(busy):
+            steps = slots[j].steps
+            steps.action.append(actions[row])
+            steps.reward.append(float(reward[row]))
+            steps.terminated.append(bool(terminated[row]))
+            cut = bool(truncated[row]) or (cap is not None and steps.length >= cap)
+            steps.truncated.append(cut)
+            slots[j].obs = obs[row]
+            if cut or terminated[row]:
+                ended.append(j)
+        run.counted(len(busy))
+        if ended:
+            _next_episodes(run, pool, slots, ended)
+
+
+def _next_episodes(run: _PoolRun, pool: Any, slots: list[_Slot], ended: list[int]) -> None:
+    """Store the episodes of the slots ``ended``; start their next ones (or idle them)."""
+    again: list[tuple[int, int]] = []
+    for j in ended:
+        run.finish(slots[j])
+        eid = run.next_id()
+        slots[j].eid = None
+        if eid is not None:
+            again.append((j, eid))
+    if again:
+        obs, _ = pool.reset([j for j, _ in again])
+        for row, (j, eid) in enumerate(again):
+            run.start(slots[j], eid, pool.seeds[j], obs[row], j)
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,6 +977,7 @@ class _Job:
     done: dict[int, float] = field(default_factory=dict)  # worker -> time it finished
     usage: dict[int, dict[str, float]] = field(default_factory=dict)  # worker -> busy/CPU s
     stopped: bool = False
+    backend: str = "process"  # the backend that runs (see resolve_backend)
 
 
 def _handle(job: _Job, msg: tuple[Any, ...], tasks: QueueLike) -> None:
@@ -888,8 +1104,29 @@ def _run_ray(job: _Job) -> None:
 
 
 def _run_envpool(job: _Job) -> None:
-    """EnvPool's batched envs in one process: issue #9 plugs in here."""
-    raise UserError("collect.backend=envpool is not implemented yet (issue #9); use process or ray")
+    """One pool of EnvPool envs, stepped by a thread of this process (see the module docstring)."""
+    (spec,) = job.specs
+    tasks: queue.Queue[int | None] = queue.Queue()
+    results: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=envpool_worker, name="collect-envpool", daemon=True,
+        args=(spec, tasks, results, stop, lambda: job.plan.final_n is not None),
+    )
+    thread.start()
+
+    def check() -> None:
+        if not thread.is_alive() and spec.worker not in job.done:
+            msg = _poll_queue(results, 0.1, (queue.Empty,))
+            if msg is not None:
+                _handle(job, msg, tasks)
+            raise RuntimeError("the envpool collector thread stopped without finishing")
+
+    try:
+        _coordinate(job, tasks, lambda t: _poll_queue(results, t, (queue.Empty,)), check)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
 
 
 BACKENDS: dict[str, Callable[[_Job], None]] = {
@@ -929,6 +1166,7 @@ def run(cfg: Config, out: Path, make_policy: MakePolicy | None = None) -> Path:
                         "through `worldmodel collect`, which provides agents.policy.make_policy")
     if c.backend not in BACKENDS:  # pragma: no cover - the config validates it
         raise UserError(f"unknown collect.backend {c.backend!r}")
+    resolve_backend(cfg)  # fail before creating anything
     loc = Location(out)
     if not loc.remote:
         Path(loc.url).mkdir(parents=True, exist_ok=True)
@@ -940,9 +1178,23 @@ def run(cfg: Config, out: Path, make_policy: MakePolicy | None = None) -> Path:
         lock.release()
 
 
+def resolve_backend(cfg: Config) -> str:
+    """The backend that runs: ``envpool`` whenever ``env.backend`` is (unless ``ray``)."""
+    backend = cfg.collect.backend
+    if cfg.env.backend == "envpool" and backend == "process":
+        return "envpool"
+    if backend == "envpool" and cfg.env.backend != "envpool":
+        raise UserError("collect.backend=envpool steps EnvPool's envs: set env.backend=envpool "
+                        "too (EnvPool runs CarRacing-v3 and ALE/<Game>-v5), or use "
+                        "collect.backend=process")
+    return backend
+
+
 def _run_locked(cfg: Config, loc: Location, make_policy: MakePolicy | None) -> Path:
     c = cfg.collect
-    manifest = _prepare_manifest(cfg, loc, c.workers)
+    backend = resolve_backend(cfg)
+    pooled = backend == "envpool"  # one thread stepping a pool of c.workers envs, shard w0
+    manifest = _prepare_manifest(cfg, loc, 1 if pooled else c.workers)
     committed = _committed(loc, manifest["shards"])
     plan = _Plan(cfg, committed, c.workers)
     loc.write_text(cfg.to_yaml(), "config.yaml")
@@ -957,16 +1209,17 @@ def _run_locked(cfg: Config, loc: Location, make_policy: MakePolicy | None) -> P
             root=loc.url, worker=k, env=cfg.env, seed=cfg.seed, policy=c.policy,
             epsilon=c.epsilon, brownian_dt=c.brownian_dt, max_episode_steps=c.max_episode_steps,
             layout=layout, commit_seconds=c.commit_seconds, make_policy=make_policy,
-            parent_pid=os.getpid() if c.backend == "process" else None,
+            parent_pid=os.getpid() if backend == "process" else None,
+            envs=workers if pooled else 1,
         )
-        for k in range(workers)
+        for k in range(1 if pooled else workers)
     ]
     progress = _Progress(cfg, committed)
-    job = _Job(cfg=cfg, loc=loc, specs=specs, plan=plan, progress=progress)
-    log.info("collect: %s, policy %s, %d worker(s) (%s) -> %s",
-             cfg.env.id, c.policy, workers, c.backend, loc)
+    job = _Job(cfg=cfg, loc=loc, specs=specs, plan=plan, progress=progress, backend=backend)
+    log.info("collect: %s, policy %s, %d %s (%s) -> %s", cfg.env.id, c.policy, workers,
+             "envs in one pool" if pooled else "worker(s)", backend, loc)
     try:
-        BACKENDS[c.backend](job)
+        BACKENDS[backend](job)
     finally:
         progress.close()
     _drop_extra(loc, plan, [s.shard for s in specs])
@@ -983,8 +1236,9 @@ def _finish(job: _Job, manifest: dict[str, Any], before: dict[int, int]) -> Path
     frames = sum(now.values()) - sum(before.values())
     run_info = {
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "backend": job.cfg.collect.backend,
+        "backend": job.backend,
         "workers": len(job.specs),
+        "envs": sum(s.envs for s in job.specs),
         "episodes": len(now) - len(before),
         "frames": frames,
         "frames_stepped": progress.frames,
