@@ -4,7 +4,20 @@ Target: wrapper overhead <= 10% (ratio ours/raw >= 0.9). Raw envs step with the 
 the same frame skip as ours, but keep their native frames; ours add crop/resize/grayscale. For
 Atari, "raw" is the env ``AtariPreprocessing`` wraps (``frameskip=1``) stepped ``frame_skip``
 times, the same emulator work; a second line compares with ALE's faster internal frame skip.
-Run: ``python bench/envs.py`` (about a minute).
+Run: ``python bench/envs.py`` (about two minutes).
+
+EnvPool backend (``env.backend: envpool``, issue 9; skipped without ``worldmodel[fast]``):
+
+* CarRacing-v3 agent steps/s with ``configs/carracing.yaml``'s env (64x64 grayscale, frame skip
+  2, dashboard crop) through our preprocessing: the Gymnasium backend (one env) vs the EnvPool
+  SB3 VecEnv (4 envs) with 1 and with 2 EnvPool threads. Targets: EnvPool 1 thread >= 10x
+  Gymnasium; 2 threads >= 1.8x 1 thread.
+* The collector on EnvPool (``worldmodel collect``, 2 envs in one pool, 2 threads, random
+  policy; frames/s while it runs, from its run record) vs raw EnvPool (the same 2 envs and 2
+  threads stepped directly with random actions, ``frame_skip`` raw steps per frame, no
+  preprocessing, policy or storage). Target >= 0.9.
+* Pong and Breakout with ``configs/pong.yaml``'s env (64x64 grayscale, frame skip 4): the
+  EnvPool backend vs ALE through Gymnasium (our backends, one env each; context, no target).
 """
 
 from __future__ import annotations
@@ -20,10 +33,14 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 # package: put the repo root there instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import json
+import tempfile
+
 import gymnasium as gym
+import numpy as np
 
 import envs
-from bench.common import compare, verdict
+from bench.common import compare, rate, verdict
 from envs import EnvConfig, make_env
 
 
@@ -87,5 +104,124 @@ def main() -> None:
                   f"{ours / internal:9.2f}  (context; EnvPool is the fast Atari route)")
 
 
+def vec_stepper(venv: Any, steps: int) -> Callable[[], int]:
+    """Step a VecEnv with uniform random actions (drawn in one call per step)."""
+    venv.reset()
+    rng = np.random.default_rng(0)
+    space, n = venv.action_space, venv.num_envs
+
+    def sample() -> np.ndarray:
+        if isinstance(space, gym.spaces.Discrete):
+            return rng.integers(space.n, size=n)
+        return rng.uniform(space.low, space.high, (n, *space.shape)).astype(np.float32)
+
+    def work() -> int:
+        for _ in range(steps):
+            venv.step(sample())
+        return steps * n
+
+    return work
+
+
+def interleaved(works: list[Callable[[], int]], seconds: float, rounds: int = 3) -> list[float]:
+    """Best rate of each work over ``rounds`` interleaved runs (A B C A B C ...)."""
+    best = [0.0] * len(works)
+    for _ in range(rounds):
+        for i, work in enumerate(works):
+            best[i] = max(best[i], rate(work, seconds))
+    return best
+
+
+def raw_envpool(cfg: EnvConfig, n_envs: int, threads: int, frames: int) -> Callable[[], int]:
+    """EnvPool alone: ``n_envs`` raw envs, random actions, ``frame_skip`` raw steps per frame."""
+    import envpool
+
+    from envs.envpool import envpool_task, pool_kwargs
+
+    task, family = envpool_task(cfg.id)
+    pool = envpool.make_gymnasium(task, num_envs=n_envs, batch_size=n_envs, num_threads=threads,
+                                  seed=list(range(n_envs)), **pool_kwargs(cfg, task, family))
+    pool.reset()
+    rng = np.random.default_rng(0)
+    low, high = np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32)
+    skip = cfg.frame_skip if family == "carracing" else 1
+
+    def work() -> int:
+        for _ in range(frames // n_envs):
+            action = rng.uniform(low, high, (n_envs, 3)).astype(np.float32)
+            for _ in range(skip):
+                pool.step(action)  # EnvPool resets ended envs by itself
+        return frames // n_envs * n_envs
+
+    return work
+
+
+def collector_fps(overrides: list[str], frames: int) -> float:
+    """Frames/s of ``worldmodel collect`` while it runs (its run record), into a temp folder."""
+    from worldmodel.collect import run
+    from worldmodel.config import resolve_config
+
+    cfg = resolve_config(None, [*overrides, f"collect.frames={frames}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        run(cfg, Path(tmp) / "data")
+        record = json.loads((Path(tmp) / "data" / "manifest.json").read_text())["runs"][-1]
+    return float(record["fps"])
+
+
+def envpool_main() -> None:
+    try:
+        import envpool  # noqa: F401
+    except ImportError:
+        print("(EnvPool skipped: pip install 'worldmodel[fast]')")
+        return
+    from envs.envpool_vec import make_envpool_vec_env
+    from worldmodel.config import resolve_config
+    from worldmodel.utils import setup_logging
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    car = resolve_config(root / "carracing.yaml").env.model_copy(update={"backend": "gymnasium"})
+    pooled = car.model_copy(update={"backend": "envpool"})
+    print(f"\nEnvPool backend, CarRacing-v3 {car.image_size}x{car.image_size} "
+          f"{'gray' if car.grayscale else 'RGB'}, frame skip {car.frame_skip} (agent steps/s)")
+    works = [stepper(make_env(car), 10),
+             vec_stepper(make_envpool_vec_env(pooled, n_envs=4, num_threads=1), 25),
+             vec_stepper(make_envpool_vec_env(pooled, n_envs=4, num_threads=2), 25)]
+    gym_rate, one, two = interleaved(works, seconds=3.0)
+    print(f"{'  gymnasium, 1 env':32s} {gym_rate:9.0f}")
+    print(f"{'  envpool, 4 envs, 1 thread':32s} {one:9.0f}   x{one / gym_rate:5.1f} vs gymnasium"
+          f"  target>=10   {verdict(one / gym_rate, 10)}")
+    print(f"{'  envpool, 4 envs, 2 threads':32s} {two:9.0f}   x{two / one:5.2f} vs 1 thread"
+          f"   target>=1.8  {verdict(two / one, 1.8)}")
+
+    setup_logging(-1)
+    overrides = [f"env.{k}={json.dumps(v)}" for k, v in pooled.model_dump(
+        include={"id", "backend", "image_size", "grayscale", "frame_skip"}).items()]
+    overrides += ["collect.workers=2", "collect.policy=random", "collect.chunk_frames=256"]
+    raw = raw_envpool(pooled, n_envs=2, threads=2, frames=400)
+    best_raw = best_collect = 0.0
+    for _ in range(3):
+        best_raw = max(best_raw, rate(raw, 4.0))
+        best_collect = max(best_collect, collector_fps(overrides, frames=6000))
+    ratio = best_collect / best_raw
+    print(f"\nCollector on EnvPool (2 envs, 2 threads) vs raw EnvPool, frames/s: collect "
+          f"{best_collect:.0f}, raw {best_raw:.0f}, ratio {ratio:.2f}  target>=0.9  "
+          f"{verdict(ratio, 0.9)}")
+
+    try:
+        import ale_py  # noqa: F401
+    except ImportError:
+        print("(Atari skipped: pip install 'worldmodel[atari]')")
+        return
+    atari = resolve_config(root / "pong.yaml").env.model_copy(update={"backend": "gymnasium"})
+    print(f"\nAtari {atari.image_size}x{atari.image_size} gray={atari.grayscale}, frame skip "
+          f"{atari.frame_skip}, one env (agent steps/s): EnvPool vs ALE through Gymnasium")
+    for game in ("ALE/Pong-v5", "ALE/Breakout-v5"):
+        ale = atari.model_copy(update={"id": game})
+        pool_cfg = ale.model_copy(update={"backend": "envpool"})
+        a, b = compare(stepper(make_env(ale), 100), stepper(make_env(pool_cfg), 100), 2.0)
+        print(f"  {game:22s} gymnasium {a:7.0f}  envpool {b:7.0f}  x{b / a:5.2f}")
+
+
 if __name__ == "__main__":
     main()
+    envpool_main()

@@ -250,8 +250,11 @@ def _action_space(task: str, family: PoolFamily, kwargs: dict[str, Any],
 class EnvPoolBatch:
     """``n`` EnvPool envs of one game with our preprocessing, stepped together or by subsets.
 
-    An env whose episode ended (``terminated | truncated``) must be reset with :meth:`reset`
-    before it steps again (otherwise EnvPool resets it on that step and ignores the action).
+    :meth:`step` is :meth:`send` (returns at once; EnvPool's threads step the envs) then
+    :meth:`recv` (waits, does the rest of the frame skip, preprocesses the frames), so a caller
+    can work while the envs step. An env whose episode ended (``terminated | truncated``) must be
+    reset with :meth:`reset` before it steps again (otherwise EnvPool resets it on that step and
+    ignores the action).
 
     :param cfg: the ``env`` config section (``backend`` is not read).
     :param seeds: one seed per env; env ``i`` is built with ``pool_seed(seeds[i])``.
@@ -283,6 +286,7 @@ class EnvPoolBatch:
         self.action_space = _action_space(self.task, self.family, self.kwargs, self.continuous)
         self._all = np.arange(self.num_envs, dtype=np.int32)
         self._pool: Any = None
+        self._pending: tuple[np.ndarray, np.ndarray] | None = None
         self.seeds: list[int] = []
         self.reseed(seeds)
 
@@ -291,6 +295,7 @@ class EnvPoolBatch:
         if len(seeds) != self.num_envs:
             raise ValueError(f"{self.num_envs} envs need {self.num_envs} seeds, got {len(seeds)}")
         self.close()
+        self._pending = None
         self.seeds = [pool_seed(s) for s in seeds]
         extra = {"render_mode": self.render_mode} if self.render_mode else {}
         with warnings.catch_warnings():
@@ -336,6 +341,8 @@ class EnvPoolBatch:
         :return: frames ``(k, H, W, C)`` uint8 in the order of ``env_ids``, and info arrays
             (``env_id``; ``lives`` for Atari).
         """
+        if self._pending is not None:
+            raise RuntimeError("recv() the pending step before a reset")
         ids = self._ids(env_ids)
         obs, info = self._pool.reset(ids)
         order = self._order(ids, info)
@@ -343,15 +350,61 @@ class EnvPoolBatch:
             obs = obs[order]
         return self._frames(obs), self._info(info, order)
 
-    def _raw_step(
-        self, actions: np.ndarray, ids: np.ndarray
+    def _ordered(
+        self, ids: np.ndarray, out: tuple[Any, ...]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = self._pool.step(actions, ids)
+        obs, reward, terminated, truncated, info = out
         order = self._order(ids, info)
         if order is not None:
             obs, reward = obs[order], reward[order]
             terminated, truncated = terminated[order], truncated[order]
         return obs, reward, terminated, truncated, self._info(info, order)
+
+    def _actions(self, actions: Any, k: int) -> np.ndarray:
+        if self.family == "atari":
+            return np.asarray(actions, np.int32).reshape(k)
+        if self.continuous:
+            return np.asarray(actions, np.float32).reshape(k, -1)
+        return CARRACING_DISCRETE[np.asarray(actions, np.int64).reshape(k)]  # Gymnasium's 5
+
+    def send(self, actions: Any, env_ids: np.ndarray | Sequence[int] | None = None) -> None:
+        """Start one agent step of the envs ``env_ids`` (default all) without waiting for it.
+
+        :param actions: ``(k, ...)``, one action per env in ``env_ids``.
+        """
+        if self._pending is not None:
+            raise RuntimeError("recv() the previous step first")
+        ids = self._ids(env_ids)
+        acts = self._actions(actions, len(ids))
+        self._pool.send(acts, ids)
+        self._pending = (acts, ids)
+
+    def recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Finish the step started by :meth:`send` (the rest of the frame skip happens here).
+
+        :return: frames ``(k, H, W, C)`` uint8, summed rewards ``(k,)`` float64, ``terminated``
+            and ``truncated`` ``(k,)`` bool, info arrays; rows in the order of ``env_ids``.
+        """
+        if self._pending is None:
+            raise RuntimeError("send() a step first")
+        acts, ids = self._pending
+        self._pending = None
+        obs, reward, terminated, truncated, info = self._ordered(ids, self._pool.recv())
+        total = reward.astype(np.float64)
+        skip = self.cfg.frame_skip if self.family == "carracing" else 1  # Atari: inside EnvPool
+        for _ in range(1, skip):  # like FrameSkip: an env whose episode ended stops stepping
+            running = ~(terminated | truncated)
+            if not running.any():
+                break
+            rows = np.flatnonzero(running)
+            o, r, te, tr, _ = self._ordered(ids[rows], self._pool.step(acts[rows], ids[rows]))
+            if len(rows) == len(ids):
+                obs, terminated, truncated = o, te, tr
+            else:
+                obs, terminated, truncated = obs.copy(), terminated.copy(), truncated.copy()
+                obs[rows], terminated[rows], truncated[rows] = o, te, tr
+            total[rows] += r
+        return self._frames(obs), total, terminated.astype(bool), truncated.astype(bool), info
 
     def step(
         self, actions: Any, env_ids: np.ndarray | Sequence[int] | None = None
@@ -359,34 +412,10 @@ class EnvPoolBatch:
         """One agent step of the envs ``env_ids`` (default all), ``env.frame_skip`` frames each.
 
         :param actions: ``(k, ...)``, one action per env in ``env_ids``.
-        :return: frames ``(k, H, W, C)`` uint8, summed rewards ``(k,)`` float64, ``terminated``
-            and ``truncated`` ``(k,)`` bool, info arrays; rows in the order of ``env_ids``.
+        :return: as :meth:`recv`.
         """
-        ids = self._ids(env_ids)
-        acts: np.ndarray
-        if self.family == "atari":
-            acts = np.asarray(actions, np.int32).reshape(len(ids))
-        elif self.continuous:
-            acts = np.asarray(actions, np.float32).reshape(len(ids), -1)
-        else:  # Gymnasium's discrete CarRacing actions
-            acts = CARRACING_DISCRETE[np.asarray(actions, np.int64).reshape(len(ids))]
-        obs, reward, terminated, truncated, info = self._raw_step(acts, ids)
-        total = reward.astype(np.float64)
-        skip = self.cfg.frame_skip if self.family == "carracing" else 1  # Atari: inside EnvPool
-        for _ in range(1, skip):
-            running = ~(terminated | truncated)
-            if not running.any():
-                break
-            if running.all():
-                obs, reward, terminated, truncated, info = self._raw_step(acts, ids)
-                total += reward
-                continue
-            rows = np.flatnonzero(running)
-            o, r, te, tr, _ = self._raw_step(acts[rows], ids[rows])
-            obs = obs.copy()
-            obs[rows], terminated[rows], truncated[rows] = o, te, tr
-            total[rows] += r
-        return self._frames(obs), total, terminated.astype(bool), truncated.astype(bool), info
+        self.send(actions, env_ids)
+        return self.recv()
 
     def render(self, env_ids: np.ndarray | Sequence[int] | None = None) -> np.ndarray | None:
         """The games' full RGB frames ``(k, H0, W0, 3)`` (``None`` without ``rgb_array``)."""

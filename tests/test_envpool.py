@@ -171,6 +171,50 @@ def test_single_env_gymnasium_semantics() -> None:
     discrete.close()
 
 
+class FakePool:
+    """EnvPool stand-in for 2 envs: env 0 terminates on its 2nd raw step, rewards 1 per step."""
+
+    def __init__(self) -> None:
+        self.t = [0, 0]
+        self.calls: list[list[int]] = []
+        self.sent: Any = None
+
+    def send(self, acts: np.ndarray, ids: np.ndarray) -> None:
+        self.sent = ids
+
+    def recv(self) -> Any:
+        self.calls.append(list(self.sent))
+        ids = list(self.sent)[::-1]  # results in another order than sent (EnvPool may do that)
+        for i in ids:
+            self.t[i] += 1
+        obs = np.stack([np.full((96, 96, 3), 10 * self.t[i] + i, np.uint8) for i in ids])
+        terminated = np.array([i == 0 and self.t[i] == 2 for i in ids])
+        return obs, np.ones(len(ids), np.float32), terminated, np.zeros(len(ids), bool), {
+            "env_id": np.array(ids)}
+
+    def step(self, acts: np.ndarray, ids: np.ndarray) -> Any:
+        self.send(acts, ids)
+        return self.recv()
+
+    def close(self) -> None:
+        pass
+
+
+@needs_envpool
+def test_frame_skip_stops_stepping_an_env_whose_episode_ended() -> None:
+    from envs.envpool import EnvPoolBatch
+
+    batch = EnvPoolBatch(CAR.model_copy(update={"frame_skip": 3}), [0, 1])
+    batch.close()
+    fake = FakePool()
+    batch._pool = fake
+    obs, reward, terminated, truncated, _ = batch.step(actions(2))
+    assert fake.calls == [[0, 1], [0, 1], [1]]  # like FrameSkip: env 0 stops at its end
+    assert reward.tolist() == [2.0, 3.0] and terminated.tolist() == [True, False]
+    assert obs[0].min() == obs[0].max() == 20 and obs[1].min() == obs[1].max() == 31
+    assert not truncated.any()
+
+
 def actions(n: int) -> np.ndarray:
     return np.tile(GAS, (n, 1))
 

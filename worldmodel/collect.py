@@ -16,12 +16,13 @@ How a collection runs:
   storage), ``envpool`` (below).
 
 The ``envpool`` backend (used whenever ``env.backend`` is ``envpool``, unless ``collect.backend``
-is ``ray``; ``collect.backend=envpool`` needs ``env.backend=envpool``) steps ONE pool of
-``collect.workers`` EnvPool envs from one thread of this process (EnvPool's own threads, at most
-one per core, run the envs) and writes shard ``w0`` with the same writer thread, batching and
-per-episode atomic commits as a worker process, so a killed run resumes the same way. Each env
-of the pool ("slot") plays episode after episode; a slot takes the next episode id when its
-episode ends. What is reproducible: EnvPool seeds an env only when the pool is built, so slot
+is ``ray``; ``collect.backend=envpool`` needs ``env.backend=envpool``) steps ``collect.workers``
+EnvPool envs from one thread of this process (EnvPool's own threads, at most one per core, run
+the envs; the envs are split into two pools handled in strict alternation, so that one pool
+steps while Python stores the other's frames) and writes shard ``w0`` with the same writer
+thread, batching and per-episode atomic commits as a worker process, so a killed run resumes the
+same way. Each env ("slot") plays episode after episode; a slot takes the next episode id when
+its episode ends. What is reproducible: EnvPool seeds an env only when the pool is built, so slot
 ``j`` is seeded with the env seed of the first episode it plays (:func:`episode_seeds`) and later
 episodes continue its random stream (index entries record ``seed``, ``env_slot`` and
 ``slot_episode``, the slot's episode count before this one). Policies are re-seeded per episode
@@ -655,9 +656,45 @@ class _PoolRun:
             self.frames = self.committer.free_buffer()
 
 
+@dataclass
+class _Group:
+    """One of the (at most two) pools and its slots; ``sent``: local ids of the pending step."""
+
+    pool: Any  # envs.envpool.EnvPoolBatch
+    slots: list[int]  # global slot index of each env of the pool
+    sent: list[int] | None = None
+    actions: list[Any] = field(default_factory=list)
+
+
+def _make_groups(spec: WorkerSpec, first: list[int]) -> list[_Group]:
+    """Split the slots over two pools (one for a single env), threads split between them.
+
+    While Python handles one pool's step (frames, policies, storage) the other pool's envs step
+    in EnvPool's threads. The two are handled in a fixed alternation, so the order of events,
+    and therefore the dataset, does not depend on timing.
+    """
+    from envs.envpool import EnvPoolBatch, default_threads
+
+    n = len(first)
+    threads = default_threads(n)
+    parts = [list(range(n))] if n == 1 else [list(range((n + 1) // 2)),
+                                             list(range((n + 1) // 2, n))]
+    groups: list[_Group] = []
+    try:
+        for k, part in enumerate(parts):
+            seeds = [episode_seeds(spec.seed, first[j])[0] for j in part]
+            share = threads if n == 1 else max(1, (threads + 1 - k) // 2)
+            groups.append(_Group(EnvPoolBatch(spec.env, seeds, num_threads=share), part))
+    except BaseException:
+        for g in groups:
+            g.pool.close()
+        raise
+    return groups
+
+
 def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
                   stop: threading.Event, enough: Callable[[], bool]) -> None:
-    from envs.envpool import EnvPoolBatch, make_envpool_env
+    from envs.envpool import make_envpool_env
 
     loc = Location(spec.root)
     lock = shard_lock(loc, spec.shard)
@@ -668,22 +705,20 @@ def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
         run = _PoolRun(spec, tasks, results, committer, stop)
         first = [eid for eid in (run.next_id() for _ in range(spec.envs)) if eid is not None]
         started, cpu_main, cpu_all = time.monotonic(), time.thread_time(), time.process_time()
-        if first:
-            env_seeds = [episode_seeds(spec.seed, eid)[0] for eid in first]
-            pool = EnvPoolBatch(spec.env, env_seeds)
-            try:
-                spaces_env = make_envpool_env(spec.env)  # spaces only: no env is built
-                slots = [_Slot(_make_worker_policy(spec, spaces_env),
-                               _FrameBuffer(spec.layout.frame_shape, 1024)) for _ in first]
-                results.put(("started", spec.worker))
-                obs, _ = pool.reset()
-                for j, eid in enumerate(first):
-                    run.start(slots[j], eid, pool.seeds[j], obs[j], j)
-                _step_pool(run, pool, slots, stop, enough)
-            finally:
-                pool.close()
-        else:
+        groups = _make_groups(spec, first) if first else []
+        try:
+            spaces_env = make_envpool_env(spec.env)  # spaces only: no env is built
+            slots = [_Slot(_make_worker_policy(spec, spaces_env),
+                           _FrameBuffer(spec.layout.frame_shape, 1024)) for _ in first]
             results.put(("started", spec.worker))
+            for g in groups:
+                obs, _ = g.pool.reset()
+                for i, j in enumerate(g.slots):
+                    run.start(slots[j], first[j], g.pool.seeds[i], obs[i], j)
+            _step_pools(run, groups, slots, stop, enough)
+        finally:
+            for g in groups:
+                g.pool.close()
         run.flush()
         committer.close()
         results.put(("done", spec.worker, {"seconds": time.monotonic() - started,
@@ -693,50 +728,65 @@ def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
         lock.release()
 
 
-def _step_pool(run: _PoolRun, pool: Any, slots: list[_Slot], stop: threading.Event,
-               enough: Callable[[], bool]) -> None:
-    """Step the busy slots together until every slot is idle (or ``stop``/``enough``)."""
-    cap = run.spec.max_episode_steps
-    while not stop.is_set():
-        busy = [j for j, s in enumerate(slots) if s.eid is not None]
-        if not busy or (run.exhausted and enough()):
+def _step_pools(run: _PoolRun, groups: list[_Group], slots: list[_Slot], stop: threading.Event,
+                enough: Callable[[], bool]) -> None:
+    """Step the busy slots until all are idle (or ``stop``, or ``enough()`` in frames mode)."""
+    for g in groups:
+        _send(g, slots)
+    while not stop.is_set() and not enough():
+        pending = [g for g in groups if g.sent is not None]
+        if not pending:
             return
-        actions = []
-        for j in busy:
-            slot = slots[j]
-            assert slot.obs is not None
-            slot.frames.append(slot.obs)
-            actions.append(slot.policy.act(slot.obs, {}))
-        obs, reward, terminated, truncated, _ = pool.step(np.asarray(actions), busy)
-        ended = []
-        for row, j in enumerate(busy):
-            steps = slots[j].steps
-            steps.action.append(actions[row])
-            steps.reward.append(float(reward[row]))
-            steps.terminated.append(bool(terminated[row]))
-            cut = bool(truncated[row]) or (cap is not None and steps.length >= cap)
-            steps.truncated.append(cut)
-            slots[j].obs = obs[row]
-            if cut or terminated[row]:
-                ended.append(j)
-        run.counted(len(busy))
-        if ended:
-            _next_episodes(run, pool, slots, ended)
+        for g in pending:
+            _receive(run, g, slots)
+            _send(g, slots)
 
 
-def _next_episodes(run: _PoolRun, pool: Any, slots: list[_Slot], ended: list[int]) -> None:
-    """Store the episodes of the slots ``ended``; start their next ones (or idle them)."""
+def _send(g: _Group, slots: list[_Slot]) -> None:
+    """Store the current frames of ``g``'s busy slots and send their policies' actions."""
+    g.sent = [i for i, j in enumerate(g.slots) if slots[j].eid is not None] or None
+    if g.sent is None:
+        return
+    g.actions = []
+    for i in g.sent:
+        slot = slots[g.slots[i]]
+        assert slot.obs is not None
+        slot.frames.append(slot.obs)
+        g.actions.append(slot.policy.act(slot.obs, {}))
+    g.pool.send(np.asarray(g.actions), g.sent)
+
+
+def _receive(run: _PoolRun, g: _Group, slots: list[_Slot]) -> None:
+    """Record ``g``'s pending step; finish ended episodes and start the next ones."""
+    assert g.sent is not None
+    obs, reward, terminated, truncated, _ = g.pool.recv()
+    cap = run.spec.max_episode_steps
+    ended = []
+    for row, i in enumerate(g.sent):
+        slot = slots[g.slots[i]]
+        steps = slot.steps
+        steps.action.append(g.actions[row])
+        steps.reward.append(float(reward[row]))
+        steps.terminated.append(bool(terminated[row]))
+        cut = bool(truncated[row]) or (cap is not None and steps.length >= cap)
+        steps.truncated.append(cut)
+        slot.obs = obs[row]
+        if cut or terminated[row]:
+            ended.append(i)
+    run.counted(len(g.sent))
+    g.sent = None
     again: list[tuple[int, int]] = []
-    for j in ended:
-        run.finish(slots[j])
+    for i in ended:
+        slot = slots[g.slots[i]]
+        run.finish(slot)
+        slot.eid = None
         eid = run.next_id()
-        slots[j].eid = None
         if eid is not None:
-            again.append((j, eid))
+            again.append((i, eid))
     if again:
-        obs, _ = pool.reset([j for j, _ in again])
-        for row, (j, eid) in enumerate(again):
-            run.start(slots[j], eid, pool.seeds[j], obs[row], j)
+        obs, _ = g.pool.reset([i for i, _ in again])
+        for row, (i, eid) in enumerate(again):
+            run.start(slots[g.slots[i]], eid, g.pool.seeds[i], obs[row], g.slots[i])
 
 
 # --------------------------------------------------------------------------------------------
