@@ -85,33 +85,32 @@ class Progress:
     wall_seconds: float = 0.0  # total time, over all sessions
 
 
-@dataclass
 class Window:
-    """Sums of the training terms since the last log line."""
+    """Sums of the training terms since the last log line (kept as tensors: no sync per step)."""
 
-    steps: int = 0
-    loss: float = 0.0
-    recon: float = 0.0
-    kl: float = 0.0
-    kl_per_dim: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.steps = 0
+        self.sums: torch.Tensor | None = None  # loss, recon, kl
+        self.kl_per_dim: torch.Tensor | None = None
 
     def add(self, terms: LossTerms) -> None:
         """Accumulate one step's terms."""
         self.steps += 1
-        self.loss += terms.loss.item()
-        self.recon += terms.recon.item()
-        self.kl += terms.kl.item()
+        sums = torch.stack([terms.loss, terms.recon, terms.kl]).detach()
         kl = terms.kl_per_dim.detach()
-        self.kl_per_dim = kl.clone() if self.kl_per_dim is None else self.kl_per_dim + kl
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.kl_per_dim = kl if self.kl_per_dim is None else self.kl_per_dim + kl
 
     def means(self) -> tuple[dict[str, float], np.ndarray]:
         """The window's mean scalars and mean KL per latent dimension ``(Z,)``."""
-        n = max(self.steps, 1)
-        kl_dims = (self.kl_per_dim / n).cpu().numpy() if self.kl_per_dim is not None else None
-        scalars = {"vae/loss": self.loss / n, "vae/recon": self.recon / n, "vae/kl": self.kl / n}
-        if kl_dims is not None:
-            scalars["vae/active_units"] = float((kl_dims > ACTIVE_KL_NATS).sum())
-        return scalars, kl_dims if kl_dims is not None else np.zeros(0)
+        if self.sums is None or self.kl_per_dim is None:
+            return {}, np.zeros(0)
+        loss, recon, kl = (self.sums / self.steps).tolist()
+        kl_dims = (self.kl_per_dim / self.steps).cpu().numpy()
+        return {
+            "vae/loss": loss, "vae/recon": recon, "vae/kl": kl,
+            "vae/active_units": float((kl_dims > ACTIVE_KL_NATS).sum()),
+        }, kl_dims
 
 
 class RunLog:
@@ -394,7 +393,7 @@ def image_grid(model: ConvVAE, cfg: Config, frames: np.ndarray) -> np.ndarray:
 
 
 def checkpoint_state(model: ConvVAE, opt: torch.optim.Optimizer, prog: Progress,
-                     cfg: Config, batches_per_epoch: int) -> dict[str, Any]:
+                     cfg: Config, batches_per_epoch: int, train_frames: int) -> dict[str, Any]:
     """Everything ``--resume`` needs, as plain tensors and numbers (``weights_only``-loadable)."""
     epoch, batch = divmod(prog.step, batches_per_epoch)
     return {
@@ -407,6 +406,7 @@ def checkpoint_state(model: ConvVAE, opt: torch.optim.Optimizer, prog: Progress,
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "config_digest": cfg.digest("seed", "env", "vae"),
+        "train_frames": train_frames,
     }
 
 
@@ -484,7 +484,7 @@ def evaluate_and_checkpoint(s: Session) -> None:
     if improved:
         s.prog.best_val_loss, s.prog.best_step = val["val/loss"], s.prog.step
     s.update_wall()
-    state = checkpoint_state(s.model, s.opt, s.prog, s.cfg, len(s.train))
+    state = checkpoint_state(s.model, s.opt, s.prog, s.cfg, len(s.train), s.train.num_frames)
     save_checkpoint(s.out / "last.pt", state)
     if improved:
         save_checkpoint(s.out / "best.pt", state)
@@ -500,48 +500,53 @@ def _nan_error(s: Session, what: str) -> UserError:
 
 
 def train_loop(s: Session) -> None:
-    """Optimise until ``s.total`` steps: forward, loss, backward, step, log, validate."""
+    """Optimise until ``s.total`` steps: forward, loss, backward, step; log and validate."""
     from tqdm import tqdm
 
     v, model, opt = s.cfg.vae, s.model, s.opt
     window = Window()
-    bar = tqdm(total=s.total, initial=s.prog.step, unit="step", desc="train-vae",
-               disable=not progress_enabled(), dynamic_ncols=True)
+    batches = batch_stream(s.train, s.prog.step)
     model.train()
     tick = time.perf_counter()
-    batches = batch_stream(s.train, s.prog.step)
-    while s.prog.step < s.total:
-        x = frames_to_tensor(next(batches), s.device)
-        terms = vae_loss(model(x), x, kl_weight(s.cfg, s.prog.step), v.kl_tolerance,
-                         v.recon_loss)
-        if not math.isfinite(terms.loss.item()):
-            raise _nan_error(s, "the training loss")
-        opt.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        opt.step()
-        s.prog.step += 1
-        window.add(terms)
-        bar.update()
+    with tqdm(total=s.total, initial=s.prog.step, unit="step", desc="train-vae",
+              disable=not progress_enabled(), dynamic_ncols=True) as bar:
+        while s.prog.step < s.total:
+            x = frames_to_tensor(next(batches), s.device)
+            terms = vae_loss(model(x), x, kl_weight(s.cfg, s.prog.step), v.kl_tolerance,
+                             v.recon_loss)
+            if not math.isfinite(terms.loss.item()):
+                raise _nan_error(s, "the training loss")
+            opt.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            opt.step()
+            s.prog.step += 1
+            window.add(terms)
+            bar.update()
 
-        step = s.prog.step
-        if step % v.log_every == 0 or step % v.val_every == 0 or step == s.total:
-            now = time.perf_counter()
-            s.prog.train_seconds += now - tick
-            scalars, kl = window.means()
-            scalars["vae/kl_weight"] = kl_weight(s.cfg, step - 1)
-            window = Window()
-            scalars["time/frames_per_second"] = step * v.batch_size / max(s.prog.train_seconds,
-                                                                          1e-9)
-            s.logger.record(step, {**scalars, "vae/kl_per_dim": kl.tolist()})
-            s.logger.kl_per_dim(step, kl)
-            bar.set_postfix(loss=f"{scalars['vae/loss']:.1f}", kl=f"{scalars['vae/kl']:.1f}")
-            if step % v.image_every == 0:
-                grid = image_grid(model, s.cfg, s.held.frames[:IMAGES_IN_GRID])
-                s.logger.image(step, "vae/reconstructions", grid)
-            if step % v.val_every == 0 or step == s.total:
-                evaluate_and_checkpoint(s)
-            tick = time.perf_counter()  # validation and logging are not training time
-    bar.close()
+            step = s.prog.step
+            if step % v.log_every == 0 or step % v.val_every == 0 or step == s.total:
+                s.prog.train_seconds += time.perf_counter() - tick
+                scalars = log_window(s, window)
+                window = Window()
+                bar.set_postfix(loss=f"{scalars['vae/loss']:.1f}", kl=f"{scalars['vae/kl']:.1f}")
+                if step % v.image_every == 0:
+                    grid = image_grid(model, s.cfg, s.held.frames[:IMAGES_IN_GRID])
+                    s.logger.image(step, "vae/reconstructions", grid)
+                if step % v.val_every == 0 or step == s.total:
+                    evaluate_and_checkpoint(s)
+                tick = time.perf_counter()  # logging and validation are not training time
+
+
+def log_window(s: Session, window: Window) -> dict[str, float]:
+    """Log the mean training terms since the last log line; return the scalars."""
+    step = s.prog.step
+    scalars, kl = window.means()
+    scalars["vae/kl_weight"] = kl_weight(s.cfg, step - 1)
+    scalars["time/frames_per_second"] = (step * s.cfg.vae.batch_size
+                                         / max(s.prog.train_seconds, 1e-9))
+    s.logger.record(step, {**scalars, "vae/kl_per_dim": kl.tolist()})
+    s.logger.kl_per_dim(step, kl)
+    return scalars
 
 
 def write_summary(s: Session, data: Path) -> dict[str, Any]:
@@ -610,6 +615,10 @@ def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
     model = build_vae(cfg.vae, cfg.env).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.vae.lr)
     prog = restore(checkpoint, model, opt) if checkpoint is not None else Progress()
+    if checkpoint is not None and checkpoint.get("train_frames") != train.num_frames:
+        log.warning("the dataset changed since %s started (%s -> %d training frames): the "
+                    "resumed run sees a different data order", out,
+                    checkpoint.get("train_frames"), train.num_frames)
     total = total_steps(cfg, len(train))
     log.info("train-vae: %d frames (%d episodes), %d steps of %d on %s, run %s",
              train.num_frames, len(train.episode_ids), total, cfg.vae.batch_size, device, out)
