@@ -34,7 +34,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 )
 
 from envs.config import EnvConfig
-from envs.envpool import RENDER_FPS, EnvPoolBatch
+from envs.envpool import RENDER_FPS, EnvPoolBatch, pool_seed
 
 
 class EnvPoolVecEnv(VecEnv):
@@ -70,6 +70,7 @@ class EnvPoolVecEnv(VecEnv):
             for _ in range(n_envs)
         ]
         self._actions: np.ndarray | None = None
+        self._unused = True  # the pool was built (with self.batch.seeds) and not reset since
         super().__init__(n_envs, self.batch.observation_space, self.batch.action_space)
         self.metadata: dict[str, Any] = {**self.metadata,
                                          "render_fps": RENDER_FPS[self.batch.family]}
@@ -78,8 +79,11 @@ class EnvPoolVecEnv(VecEnv):
         """Start new episodes in all envs (first rebuilding the pool after ``seed()``)."""
         if any(s is not None for s in self._seeds):
             fresh = np.random.SeedSequence().generate_state(self.num_envs)
-            self.batch.reseed([int(s) if s is not None else int(f)
-                               for s, f in zip(self._seeds, fresh, strict=True)])
+            seeds = [pool_seed(s if s is not None else int(f))
+                     for s, f in zip(self._seeds, fresh, strict=True)]
+            if not (self._unused and seeds == self.batch.seeds):  # else: already built so
+                self.batch.reseed(seeds)
+        self._unused = False
         obs, _ = self.batch.reset()
         self.reset_infos = [{} for _ in range(self.num_envs)]
         self._reset_seeds()

@@ -293,8 +293,12 @@ def test_vec_env_seeds_are_reproducible() -> None:
     assert not np.array_equal(first, observations(b))
     b.seed(7)  # SB3 seeds at the next reset: the pool is rebuilt with seeds 7, 8
     assert np.array_equal(first, observations(b))
-    a.close()
-    b.close()
+    assert not np.array_equal(first, observations(a))  # an unseeded reset: new tracks
+    c = make_vec_env(CAR, n_envs=2, seed=7)
+    c.seed(7)  # what SB3 does with a model seed: the pool already has these seeds
+    assert np.array_equal(first, observations(c))
+    for venv in (a, b, c):
+        venv.close()
 
 
 @needs_envpool
