@@ -362,8 +362,10 @@ def test_agents_train_and_evaluate_on_envpool(tmp_path: Path) -> None:
     from agent_testing import ALGO_HYPERPARAMS
 
     from agents import evaluate, train
+    from agents.latent import LatentObservation
     from worldmodel import train_vae
     from worldmodel.io import read_json
+    from worldmodel.vae import load_vae
 
     common = ["env.id=CarRacing-v3", "env.backend=envpool", "env.n_envs=2",
               "env.max_episode_steps=12", *VAE_SETTINGS, "agent.timesteps=64",
@@ -376,13 +378,16 @@ def test_agents_train_and_evaluate_on_envpool(tmp_path: Path) -> None:
                                 "vae.device=cpu"])
     vae = train_vae.run(cfg, run(cfg, tmp_path / "data"), tmp_path / "vae", resume=False)
     runs = {}
-    for mode, size in (("latent", 32), ("pixel", 36)):
+    for mode, size in (("latent", 32), ("pixel", 36), ("latent-finetune", 32)):
         agent_cfg = resolve_config(None, [*common, f"env.image_size={size}",
                                           f"agent.obs_mode={mode}"])
         agent_cfg.agent.hyperparams = dict(ALGO_HYPERPARAMS["PPO"])
-        runs[mode] = train.run(agent_cfg, tmp_path / mode, vae=vae if mode == "latent" else None)
+        runs[mode] = train.run(agent_cfg, tmp_path / mode, vae=None if mode == "pixel" else vae)
         summary = read_json(runs[mode] / "summary.json")
         assert summary["timesteps"] == 64 and summary["final_eval"]["episodes"] == 2
+    wrapped = LatentObservation(make_env(cfg.env), load_vae(vae), history=2)  # one-env wrapper
+    assert wrapped.reset(seed=0)[0].shape == (2 * 6,)
+    assert wrapped.step(GAS)[0].shape == (2 * 6,)
     # ...and the agents evaluate (with a video) on either backend's frames.
     result = read_json(evaluate.run(runs["latent"], episodes=2, video=True))
     assert result["lengths"] == [12, 12] and (runs["latent"] / "video.mp4").stat().st_size > 0
