@@ -73,6 +73,10 @@ _RESERVED = {
 }
 
 
+class EnvPoolSettingError(gym.error.Error, ValueError):
+    """An ``env`` setting that the EnvPool backend cannot honour (the CLI prints one line)."""
+
+
 def import_envpool() -> Any:
     """The ``envpool`` module, or a one-line error naming the extra that installs it."""
     try:
@@ -135,7 +139,9 @@ def pool_seed(seed: int) -> int:
 
 def _atari_kwargs(cfg: EnvConfig, user: dict[str, Any]) -> dict[str, Any]:
     if cfg.crop is not None and not cfg.crop.is_empty():
-        raise ValueError("env.crop is not supported for Atari games (AtariPreprocessing resizes)")
+        raise EnvPoolSettingError(
+            "env.crop is not supported for Atari games (AtariPreprocessing resizes)"
+        )
     limit = ATARI_MAX_FRAMES // cfg.frame_skip
     if "max_num_frames_per_episode" in user:
         limit = int(user.pop("max_num_frames_per_episode")) // cfg.frame_skip
@@ -159,7 +165,9 @@ def _atari_kwargs(cfg: EnvConfig, user: dict[str, Any]) -> dict[str, Any]:
 def _carracing_kwargs(cfg: EnvConfig, user: dict[str, Any]) -> dict[str, Any]:
     user.pop("continuous", None)  # handled by EnvPoolBatch (action mapping)
     if user.pop("domain_randomize", False):
-        raise ValueError("EnvPool's CarRacing has no domain_randomize; use env.backend=gymnasium")
+        raise EnvPoolSettingError(
+            "EnvPool's CarRacing has no domain_randomize; use env.backend=gymnasium"
+        )
     limit = CARRACING_MAX_STEPS
     if cfg.max_episode_steps is not None:
         limit = min(limit, cfg.max_episode_steps * cfg.frame_skip)
@@ -173,7 +181,8 @@ def pool_kwargs(cfg: EnvConfig, task: str, family: PoolFamily) -> dict[str, Any]
     ``full_action_space``, ``mode``, ``difficulty``, ``max_num_frames_per_episode``; CarRacing's
     ``continuous``, ``lap_complete_percent``) or any other EnvPool setting of the game.
 
-    :raises ValueError: a setting that EnvPool does not know or that this module decides.
+    :raises EnvPoolSettingError: a setting that EnvPool does not know or that this module
+        decides.
     """
     user = dict(cfg.kwargs)
     if family == "atari":
@@ -184,7 +193,7 @@ def pool_kwargs(cfg: EnvConfig, task: str, family: PoolFamily) -> dict[str, Any]
     known = set(envpool.make_spec(task).config._fields) - _RESERVED
     unknown = sorted(set(user) - known)
     if unknown:
-        raise ValueError(
+        raise EnvPoolSettingError(
             f"env.kwargs {', '.join(unknown)} not supported by EnvPool's {task} (it takes "
             f"{', '.join(sorted(known))}); use env.backend=gymnasium"
         )

@@ -59,7 +59,7 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch,
 
 @needs_envpool
 def test_ids_map_to_envpool_and_unknown_ones_get_suggestions() -> None:
-    from envs.envpool import envpool_task
+    from envs.envpool import EnvPoolSettingError, envpool_task
 
     assert envpool_task("ALE/Pong-v5") == ("Pong-v5", "atari")
     assert envpool_task("CarRacing-v3") == ("CarRacing-v3", "carracing")
@@ -69,7 +69,7 @@ def test_ids_map_to_envpool_and_unknown_ones_get_suggestions() -> None:
         make_vec_env(EnvConfig(id="CarRacing-v9", backend="envpool"), n_envs=1)
     with pytest.raises(UnknownEnvError, match=r"env\.backend=gymnasium"):
         make_env(EnvConfig(id="worldmodel/Reach-v0", backend="envpool"))
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(EnvPoolSettingError, match="bogus"):
         make_env(CAR.model_copy(update={"kwargs": {"bogus": 1}}))
 
 

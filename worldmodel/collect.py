@@ -572,21 +572,21 @@ def envpool_worker(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
     """Roll out the ids from ``tasks`` in a pool of ``spec.envs`` EnvPool envs into ``w0``.
 
     The messages to ``results`` are those of :func:`collect_worker`. ``stop`` ends the loop
-    early; ``enough()`` (frames mode: the dataset is complete) lets it drop unfinished episodes
-    once no ids are left.
+    early; so does ``enough()`` (frames mode: the dataset is complete), dropping the episodes
+    still running (their ids are past the dataset's end).
     """
     from gymnasium.error import Error as GymError
 
     try:
         _envpool_loop(spec, tasks, results, stop, enough)
-    except (UserError, GymError, ValueError) as e:
+    except (UserError, GymError) as e:
         results.put(("error", spec.worker, True, f"collect (envpool): {e}"))
     except BaseException:
         results.put(("error", spec.worker, False, traceback.format_exc()))
 
 
 class _PoolRun:
-    """The state of :func:`envpool_worker`: slots, the batch being filled, progress counts."""
+    """The state of :func:`envpool_worker`: episode ids, the batch being filled, progress."""
 
     def __init__(self, spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
                  committer: _Committer, stop: threading.Event) -> None:
