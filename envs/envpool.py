@@ -405,13 +405,14 @@ class EnvPoolBatch:
             running = ~(terminated | truncated)
             if not running.any():
                 break
+            if running.all():
+                obs, r, terminated, truncated, _ = self._ordered(ids, self._pool.step(acts, ids))
+                total += r
+                continue
             rows = np.flatnonzero(running)
             o, r, te, tr, _ = self._ordered(ids[rows], self._pool.step(acts[rows], ids[rows]))
-            if len(rows) == len(ids):
-                obs, terminated, truncated = o, te, tr
-            else:
-                obs, terminated, truncated = obs.copy(), terminated.copy(), truncated.copy()
-                obs[rows], terminated[rows], truncated[rows] = o, te, tr
+            obs, terminated, truncated = obs.copy(), terminated.copy(), truncated.copy()
+            obs[rows], terminated[rows], truncated[rows] = o, te, tr
             total[rows] += r
         return self._frames(obs), total, terminated.astype(bool), truncated.astype(bool), info
 
