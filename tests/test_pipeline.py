@@ -1,0 +1,124 @@
+"""The pipeline end to end, as a user runs it: a subprocess on a tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from worldmodel.config import resolve_config
+from worldmodel.pipeline import agent_config, stage_key
+
+TINY = [
+    "collect.episodes=4", "env.max_episode_steps=30", "env.n_envs=2",
+    "vae.widths=[8,16,32,64]", "vae.latent_dim=8", "vae.steps=10", "vae.val_every=10",
+    "agent.timesteps=256", "agent.eval_every=128", "agent.eval_episodes=2",
+    "agent.hyperparams={n_steps: 64, batch_size: 64, n_epochs: 1}",
+    "pipeline.obs_modes=[pixel,latent]", "pipeline.seeds=[0,1]", "pipeline.eval_episodes=2",
+    "pipeline.parallel=1", "compare.random_episodes=4", "compare.bootstrap_reps=100",
+]
+
+# Enough VAE steps to be killed in the middle of, with cheap validations.
+SLOW_VAE = ("vae.steps=150", "vae.val_every=10", "vae.val_frames=64", "vae.probe_frames=64")
+
+
+def pipeline(out: Path, *extra: str, wait: bool = True) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "-m", "worldmodel", "pipeline", "--out", str(out)]
+    for item in (*TINY, *extra):
+        args += ["--set", item]
+    env = {**os.environ, "SDL_VIDEODRIVER": "dummy"}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def stamp(path: Path) -> dict[str, object]:
+    return json.loads(path.with_name(f".{path.name}.done.json").read_text())
+
+
+def test_end_to_end_then_cached_then_partial_rerun(tmp_path: Path) -> None:
+    out = tmp_path / "pipe"
+    first = pipeline(out)
+    report = out / "report" / "report.md"
+    assert first.stdout.strip().splitlines()[-1] == str(report)
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert set(data["groups"]) == {"pixel", "latent"}
+    for group in data["groups"].values():
+        assert group["seeds"] == [0, 1] and len(group["scores"]) == 2
+        point, low, high = group["IQM"]
+        assert low <= point <= high
+    assert len(data["random_baseline"]["returns"]) == 4
+    assert data["vae"]["path"] == str(out / "vae")
+    text = report.read_text()
+    assert "| pixel | 2 (seeds 0, 1)" in text and "random policy" in text
+    for agent in ("pixel__seed0", "pixel__seed1", "latent__seed0", "latent__seed1"):
+        assert json.loads((out / "agents" / agent / "eval.json").read_text())["episodes"] == 2
+    assert (out / "visualize" / "visualize.html").is_file()
+    finished = {name: stamp(out / name)["finished"] for name in ("data", "vae", "report")}
+
+    # Same config: every stage is skipped.
+    second = pipeline(out)
+    for name in ("collect", "train-vae", "compare", "visualize"):
+        assert f"[pipeline] {name}: up to date, skipped" in second.stderr
+    assert "agents: 0 to train, 4 up to date" in second.stderr
+    assert {name: stamp(out / name)["finished"] for name in finished} == finished
+
+    # A VAE setting changed: the VAE and the latent agents rerun; data and pixel agents do not.
+    third = pipeline(out, "vae.steps=12")
+    assert "[pipeline] collect: up to date, skipped" in third.stderr
+    assert "[pipeline] train-vae: running" in third.stderr
+    assert "agents: 2 to train, 2 up to date" in third.stderr
+    assert json.loads((out / "vae" / "summary.json").read_text())["steps"] == 12
+    assert (out / "vae.previous" / "summary.json").is_file()  # the old output is kept once
+    assert stamp(out / "data")["finished"] == finished["data"]
+
+
+def test_agent_keys_follow_what_each_mode_reads() -> None:
+    cfg = resolve_config(None, TINY)
+    changed = resolve_config(None, [*TINY, "vae.lr=0.01"])
+    for mode, depends_on_vae in (("pixel", False), ("latent", True), ("random-encoder", True)):
+        a = stage_key(agent_config(cfg, mode, 0), ("seed", "env", "agent", "vae"))
+        b = stage_key(agent_config(changed, mode, 0), ("seed", "env", "agent", "vae"))
+        assert (a != b) == depends_on_vae or mode == "pixel"
+    assert agent_config(cfg, "pixel", 3).seed == 3 and cfg.seed == 0
+
+
+def test_resume_after_a_killed_stage(tmp_path: Path) -> None:
+    out = tmp_path / "pipe"
+    args = [sys.executable, "-m", "worldmodel", "pipeline", "--out", str(out)]
+    for item in (*TINY, *SLOW_VAE):
+        args += ["--set", item]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "SDL_VIDEODRIVER": "dummy"})
+    deadline = time.time() + 300
+    while not (out / "vae" / "last.pt").exists():  # the VAE stage is under way
+        assert proc.poll() is None and time.time() < deadline, "pipeline ended too early"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / ".vae.done.json").exists()
+    data_finished = stamp(out / "data")["finished"]
+
+    result = pipeline(out, *SLOW_VAE)
+    assert "[pipeline] collect: up to date, skipped" in result.stderr
+    assert "[pipeline] train-vae: running" in result.stderr
+    assert stamp(out / "data")["finished"] == data_finished
+    summary = json.loads((out / "vae" / "summary.json").read_text())
+    assert summary["steps"] == 150
+    assert (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("bad", ["pipeline.obs_modes=[]", "pipeline.parallel=0"])
+def test_bad_pipeline_settings_are_one_line_errors(tmp_path: Path, bad: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worldmodel", "pipeline", "--out", str(tmp_path), "--set", bad],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and bad.split("=")[0] in result.stderr
