@@ -9,12 +9,17 @@
    quickstart model (``configs/quickstart_vae.yaml``) at its batch size.
 3. ``LoadedVAE.encode`` frames/s: batches of 256 vs one frame per call.
 
-Run: ``python bench/vae.py`` (about 2-3 minutes on 2 cores).
+Run: ``python bench/vae.py [--threads N]`` (about 2-3 minutes on 2 cores). The numbers are
+only as good as the machine is idle: the load average is printed first; on a shared machine,
+``--threads 1`` avoids two intra-op threads fighting other jobs for the cores.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
 import sys
 import tempfile
 import time
@@ -99,19 +104,27 @@ def encode_speed(data: Path) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     setup_logging(-1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    logging.getLogger("worldmodel").setLevel(logging.ERROR)  # short runs warn, by design
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
+          f"cores, load average {load}")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = collect.run(resolve_config(None, ["collect.episodes=40", "collect.workers=1"]),
                            tmp / "reach64")
-        trainer_vs_bare("default model", ["vae.batch_size=256"], 12, data, tmp)
+        trainer_vs_bare("default model", ["vae.batch_size=256"], 8, data, tmp)
         quick = ROOT / "configs" / "quickstart_vae.yaml"
         if quick.exists():
             vae = yaml.safe_load(quick.read_text())["vae"]
             sets = [f"vae.{k}={json.dumps(v)}" for k, v in vae.items()
-                    if k in ("widths", "latent_dim", "batch_size", "beta", "kl_tolerance")]
-            trainer_vs_bare("quickstart model", sets, 60, data, tmp)
+                    if k not in ("steps", "epochs", "val_every", "image_every", "log_every")]
+            trainer_vs_bare("quickstart model", sets, 50, data, tmp)
         encode_speed(data)
 
 

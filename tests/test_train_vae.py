@@ -204,6 +204,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4
 
 
+def test_prefetch_keeps_the_order_and_hands_over_errors() -> None:
+    def items() -> Iterator[int]:
+        yield from range(5)
+        raise ValueError("broken chunk")
+
+    got = []
+    prefetch = train_vae.Prefetch(items(), depth=2)
+    with pytest.raises(ValueError, match="broken chunk"):
+        for item in prefetch:
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    endless = train_vae.Prefetch(iter(int, 1), depth=3)  # never ends
+    assert next(endless) == 0
+    endless.close()
+    assert not endless._thread.is_alive()
+    assert train_vae.prefetch_depth(64 * 64 * 64 * 3) == 64
+    assert train_vae.prefetch_depth(256 * 96 * 96 * 3) == 9
+
+
 def test_kl_warmup_ramps_the_kl_weight_to_beta() -> None:
     cfg = _cfg("vae.beta=2.0", "vae.kl_warmup_steps=4")
     assert [train_vae.kl_weight(cfg, s) for s in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,6 +265,62 @@ def batch_stream(dataset: FrameDataset, step: int) -> Iterator[np.ndarray]:
     while True:
         yield from dataset.batches(epoch, start)
         epoch, start = epoch + 1, 0
+
+
+class Prefetch:
+    """Pull items of an iterator in a background thread, up to ``depth`` ahead.
+
+    The loop then never waits for data while a core is free, also not at an epoch boundary,
+    where ``FrameDataset`` loads the next epoch's first buffer. The order is unchanged.
+
+    :param items: the iterator (e.g. :func:`batch_stream`).
+    :param depth: items held ready.
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any], depth: int) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True,
+                                        name="batch-prefetch")
+        self._thread.start()
+
+    def _produce(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put(e)
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the background thread."""
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+def prefetch_depth(batch_bytes: int, budget: int = 64 * 2**20) -> int:
+    """Batches to hold ready: about ``budget`` bytes, between 2 and 64."""
+    return int(min(64, max(2, budget // max(batch_bytes, 1))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,11 +564,14 @@ def train_loop(s: Session) -> None:
 
     v, model, opt = s.cfg.vae, s.model, s.opt
     window = Window()
-    batches = batch_stream(s.train, s.prog.step)
+    batch_bytes = v.batch_size * int(np.prod(s.train.frame_shape))
+    batches = Prefetch(batch_stream(s.train, s.prog.step), prefetch_depth(batch_bytes))
     model.train()
     tick = time.perf_counter()
-    with tqdm(total=s.total, initial=s.prog.step, unit="step", desc="train-vae",
-              disable=not progress_enabled(), dynamic_ncols=True) as bar:
+    with closing(batches), tqdm(
+        total=s.total, initial=s.prog.step, unit="step", desc="train-vae",
+        disable=not progress_enabled(), dynamic_ncols=True,
+    ) as bar:
         while s.prog.step < s.total:
             x = frames_to_tensor(next(batches), s.device)
             terms = vae_loss(model(x), x, kl_weight(s.cfg, s.prog.step), v.kl_tolerance,
