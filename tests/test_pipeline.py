@@ -25,7 +25,7 @@ TINY = [
 ]
 
 # Enough VAE steps to be killed in the middle of, with cheap validations.
-SLOW_VAE = ("vae.steps=150", "vae.val_every=10", "vae.val_frames=64", "vae.probe_frames=64")
+SLOW_VAE = ("vae.steps=60", "vae.val_every=10", "vae.val_frames=64", "vae.probe_frames=64")
 
 
 def pipeline(out: Path, *extra: str, wait: bool = True) -> subprocess.CompletedProcess[str]:
@@ -110,7 +110,7 @@ def test_resume_after_a_killed_stage(tmp_path: Path) -> None:
     assert "[pipeline] train-vae: running" in result.stderr
     assert stamp(out / "data")["finished"] == data_finished
     summary = json.loads((out / "vae" / "summary.json").read_text())
-    assert summary["steps"] == 150
+    assert summary["steps"] == 60
     assert (out / "report" / "report.md").is_file()
 
 
