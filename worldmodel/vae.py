@@ -7,7 +7,10 @@ The decoder mirrors it: a linear layer back to ``(widths[-1], s, s)`` and transp
 convolutions with kernel 4, stride 2, padding 1 to the input size, sigmoid at the end. Odd
 sizes on the way down (84 -> 42 -> 21 -> 10 -> 5) are undone exactly by giving each transposed
 convolution ``output_padding = size % 2`` of the matching encoder level, so any input size that
-survives the halvings (64, 84, 96, ...) is reconstructed at exactly its own size.
+survives the halvings (64, 84, 96, ...) is reconstructed at exactly its own size. With
+``decoder="broadcast"`` the linear layer is replaced by a spatial broadcast head
+(:class:`SpatialBroadcast`: ``z`` tiled over an 8x8 grid with x/y coordinate channels), which
+makes object positions linear directions of the latent; the quickstart uses it.
 
 Loss (:func:`vae_loss`), per frame, then averaged over the batch:
 
@@ -131,7 +134,7 @@ class SpatialBroadcast(nn.Module):
     map. Drawing an object at position ``p`` then only needs "compare ``p`` with the cell's
     coordinates", which a latent holding ``p`` linearly makes easiest: the VAE learns object
     positions as (nearly) linear latent directions, where the ``deconv`` decoder often learns a
-    folded code that a linear probe cannot read (measured on Reach, see configs/quickstart.yaml).
+    folded code that a linear probe cannot read (measured on Reach: configs/quickstart_vae.yaml).
 
     :param latent_dim: ``Z``.
     :param channels: ``C``, output channels.
