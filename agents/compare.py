@@ -309,7 +309,7 @@ def _plot_final(stats: dict[str, Any], out: Path, cfg: CompareConfig) -> None:
     for ax, metric in zip(axes, METRICS, strict=True):
         for y, name in enumerate(names):
             point, low, high = stats[name][metric]
-            ax.plot([low, high], [y, y], linewidth=6, alpha=0.5)
+            ax.plot([low, high], [y, y], linewidth=6, alpha=0.5, color=f"C{y}")
             ax.plot([point], [y], "k|", markersize=14)
         ax.set_title(metric)
         ax.set_yticks(range(len(names)), names)
