@@ -115,7 +115,8 @@ def frames_to_tensor(
     x = frames
     if device is not None:
         x = x.to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
+    # A contiguous NCHW copy: convolutions on the permuted (channels-last) view are ~1.5x slower.
+    return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
 def _conv_sizes(image_size: int, n_layers: int) -> list[int]:
