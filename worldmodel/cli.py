@@ -50,6 +50,11 @@ def _out(args: argparse.Namespace, cfg: Any, stage: str) -> Path:
     return Path(args.out) if args.out else default_run_dir(cfg, stage)
 
 
+def _dataset(location: str) -> Any:
+    """A dataset location: a local path, or a URL (``s3://...``) kept as text for zarr/fsspec."""
+    return location if "://" in location else Path(location)
+
+
 def _done(path: Path, what: str) -> int:
     log.info("%s: %s", what, path)
     print(path)
@@ -61,23 +66,22 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     make_policy = None
     if cfg.collect.policy.startswith("agent:"):
         make_policy = _stage("agents.policy", 6).make_policy
-    out = _stage("worldmodel.collect", 4).run(
-        cfg, _out(args, cfg, "collect"), make_policy=make_policy
-    )
+    out = _dataset(args.out) if args.out else _out(args, cfg, "collect")
+    out = _stage("worldmodel.collect", 4).run(cfg, out, make_policy=make_policy)
     return _done(out, "dataset")
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
     dataset = _stage("worldmodel.dataset", 4)
     if args.data_command == "info":
-        return int(dataset.print_info(Path(args.data)))
-    return int(dataset.print_verify(Path(args.data)))
+        return int(dataset.print_info(_dataset(args.data)))
+    return int(dataset.print_verify(_dataset(args.data)))
 
 
 def _cmd_train_vae(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = _stage("worldmodel.train_vae", 5).run(
-        cfg, Path(args.data), _out(args, cfg, "vae"), resume=args.resume
+        cfg, _dataset(args.data), _out(args, cfg, "vae"), resume=args.resume
     )
     return _done(out, "VAE run")
 
@@ -105,13 +109,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     vae_run = Path(args.vae_run)
     out = Path(args.out) if args.out else vae_run / "visualize"
-    result = _stage("worldmodel.visualize", 8).run(vae_run, Path(args.data), out,
+    result = _stage("worldmodel.visualize", 8).run(vae_run, _dataset(args.data), out,
                                                    method=args.method)
     return _done(result, "visualizations")
 
 
 def _cmd_explore(args: argparse.Namespace) -> int:
-    data = Path(args.data) if args.data else None
+    data = _dataset(args.data) if args.data else None
     _stage("worldmodel.explore", 8).serve(Path(args.vae_run), data, host=args.host, port=args.port)
     return 0
 
