@@ -207,12 +207,37 @@ def test_frame_skip_stops_stepping_an_env_whose_episode_ended() -> None:
     batch = EnvPoolBatch(CAR.model_copy(update={"frame_skip": 3}), [0, 1])
     batch.close()
     fake = FakePool()
-    batch._pool = fake
+    batch._pool, batch._state_index = fake, None  # the public send/recv path
     obs, reward, terminated, truncated, _ = batch.step(actions(2))
     assert fake.calls == [[0, 1], [0, 1], [1]]  # like FrameSkip: env 0 stops at its end
     assert reward.tolist() == [2.0, 3.0] and terminated.tolist() == [True, False]
     assert obs[0].min() == obs[0].max() == 20 and obs[1].min() == obs[1].max() == 31
     assert not truncated.any()
+
+
+@needs_envpool
+@pytest.mark.parametrize("env_id", ["CarRacing-v3", "ALE/Breakout-v5"])
+def test_direct_envpool_calls_equal_the_public_api(env_id: str) -> None:
+    from envs.envpool import EnvPoolBatch
+
+    cfg = EnvConfig(id=env_id, backend="envpool", image_size=16, frame_skip=2,
+                    max_episode_steps=5)
+    fast, public = EnvPoolBatch(cfg, [3, 4]), EnvPoolBatch(cfg, [3, 4])
+    assert fast._state_index is not None
+    public._state_index = None
+    for batch in (fast, public):
+        batch.reset()
+    for _ in range(7):
+        acts = np.stack([fast.action_space.sample() for _ in range(2)])
+        a, b = fast.step(acts), public.step(acts)
+        for x, y in zip(a[:4], b[:4], strict=True):
+            np.testing.assert_array_equal(x, y)
+        assert a[4].keys() == b[4].keys()
+        ended = np.flatnonzero(a[2] | a[3])
+        if len(ended):
+            np.testing.assert_array_equal(fast.reset(ended)[0], public.reset(ended)[0])
+    fast.close()
+    public.close()
 
 
 def actions(n: int) -> np.ndarray:

@@ -676,15 +676,15 @@ def _make_groups(spec: WorkerSpec, first: list[int]) -> list[_Group]:
     from envs.envpool import EnvPoolBatch, default_threads
 
     n = len(first)
-    threads = default_threads(n)
     parts = [list(range(n))] if n == 1 else [list(range((n + 1) // 2)),
                                              list(range((n + 1) // 2, n))]
     groups: list[_Group] = []
     try:
-        for k, part in enumerate(parts):
+        for part in parts:
             seeds = [episode_seeds(spec.seed, first[j])[0] for j in part]
-            share = threads if n == 1 else max(1, (threads + 1 - k) // 2)
-            groups.append(_Group(EnvPoolBatch(spec.env, seeds, num_threads=share), part))
+            # each pool may use every core: while one waits for Python, the other's run
+            threads = default_threads(len(part))
+            groups.append(_Group(EnvPoolBatch(spec.env, seeds, num_threads=threads), part))
     except BaseException:
         for g in groups:
             g.pool.close()
