@@ -4,20 +4,24 @@ Target: wrapper overhead <= 10% (ratio ours/raw >= 0.9). Raw envs step with the 
 the same frame skip as ours, but keep their native frames; ours add crop/resize/grayscale. For
 Atari, "raw" is the env ``AtariPreprocessing`` wraps (``frameskip=1``) stepped ``frame_skip``
 times, the same emulator work; a second line compares with ALE's faster internal frame skip.
-Run: ``python bench/envs.py`` (about two minutes).
+Run: ``python bench/envs.py`` (about four minutes; ``python bench/envs.py envpool`` runs only the
+EnvPool lines).
 
 EnvPool backend (``env.backend: envpool``, issue 9; skipped without ``worldmodel[fast]``):
 
 * CarRacing-v3 agent steps/s with ``configs/carracing.yaml``'s env (64x64 grayscale, frame skip
   2, dashboard crop) through our preprocessing: the Gymnasium backend (one env) vs the EnvPool
   SB3 VecEnv (4 envs) with 1 and with 2 EnvPool threads. Targets: EnvPool 1 thread >= 10x
-  Gymnasium; 2 threads >= 1.8x 1 thread.
+  Gymnasium; 2 threads >= 1.8x 1 thread. Raw EnvPool (same envs, no preprocessing) is printed
+  as the ceiling of both ratios on this machine at this moment.
 * The collector on EnvPool (``worldmodel collect``, 2 envs in one pool, 2 threads, random
   policy; frames/s while it runs, from its run record) vs raw EnvPool (the same 2 envs and 2
   threads stepped directly with random actions, ``frame_skip`` raw steps per frame, no
   preprocessing, policy or storage). Target >= 0.9.
 * Pong and Breakout with ``configs/pong.yaml``'s env (64x64 grayscale, frame skip 4): the
-  EnvPool backend vs ALE through Gymnasium (our backends, one env each; context, no target).
+  EnvPool backend vs ALE through Gymnasium (our backends), one env each and ``n_envs`` (8) envs
+  as agents train them (Gymnasium's DummyVecEnv on one core vs EnvPool's VecEnv with 1 and 2
+  threads). Context, no target.
 """
 
 from __future__ import annotations
@@ -168,32 +172,35 @@ def collector_fps(overrides: list[str], frames: int) -> float:
     return float(record["fps"])
 
 
-def envpool_main() -> None:
-    try:
-        import envpool  # noqa: F401
-    except ImportError:
-        print("(EnvPool skipped: pip install 'worldmodel[fast]')")
-        return
+def carracing_lines(car: EnvConfig) -> None:
+    """Gymnasium vs EnvPool backend (1 and 2 threads), with raw EnvPool as the ceiling."""
     from envs.envpool_vec import make_envpool_vec_env
-    from worldmodel.config import resolve_config
-    from worldmodel.utils import setup_logging
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    car = resolve_config(root / "carracing.yaml").env.model_copy(update={"backend": "gymnasium"})
     pooled = car.model_copy(update={"backend": "envpool"})
     print(f"\nEnvPool backend, CarRacing-v3 {car.image_size}x{car.image_size} "
           f"{'gray' if car.grayscale else 'RGB'}, frame skip {car.frame_skip} (agent steps/s)")
     works = [stepper(make_env(car), 10),
              vec_stepper(make_envpool_vec_env(pooled, n_envs=4, num_threads=1), 25),
-             vec_stepper(make_envpool_vec_env(pooled, n_envs=4, num_threads=2), 25)]
-    gym_rate, one, two = interleaved(works, seconds=3.0)
-    print(f"{'  gymnasium, 1 env':32s} {gym_rate:9.0f}")
-    print(f"{'  envpool, 4 envs, 1 thread':32s} {one:9.0f}   x{one / gym_rate:5.1f} vs gymnasium"
-          f"  target>=10   {verdict(one / gym_rate, 10)}")
-    print(f"{'  envpool, 4 envs, 2 threads':32s} {two:9.0f}   x{two / one:5.2f} vs 1 thread"
+             vec_stepper(make_envpool_vec_env(pooled, n_envs=4, num_threads=2), 25),
+             raw_envpool(pooled, n_envs=4, threads=1, frames=100),
+             raw_envpool(pooled, n_envs=4, threads=2, frames=100)]
+    gym_rate, one, two, raw_one, raw_two = interleaved(works, seconds=3.0)
+    print(f"{'  gymnasium backend, 1 env':34s} {gym_rate:7.0f}")
+    print(f"{'  envpool backend, 4 envs, 1 thread':34s} {one:7.0f}  x{one / gym_rate:5.2f} vs "
+          f"gymnasium   target>=10   {verdict(one / gym_rate, 10)}")
+    print(f"{'  envpool backend, 4 envs, 2 threads':34s} {two:7.0f}  x{two / one:5.2f} vs 1 thread "
           f"   target>=1.8  {verdict(two / one, 1.8)}")
+    print(f"{'  raw EnvPool, 4 envs, 1 / 2 threads':34s} {raw_one:7.0f} / {raw_two:.0f}  "
+          f"(ceilings: x{raw_one / gym_rate:.2f} vs gymnasium, x{raw_two / raw_one:.2f} "
+          "2 vs 1 thread)")
+
+
+def collector_line(car: EnvConfig) -> None:
+    """The collector on EnvPool vs raw EnvPool, same envs and threads."""
+    from worldmodel.utils import setup_logging
 
     setup_logging(-1)
+    pooled = car.model_copy(update={"backend": "envpool"})
     overrides = [f"env.{k}={json.dumps(v)}" for k, v in pooled.model_dump(
         include={"id", "backend", "image_size", "grayscale", "frame_skip"}).items()]
     overrides += ["collect.workers=2", "collect.policy=random", "collect.chunk_frames=256"]
@@ -203,25 +210,55 @@ def envpool_main() -> None:
         best_raw = max(best_raw, rate(raw, 4.0))
         best_collect = max(best_collect, collector_fps(overrides, frames=6000))
     ratio = best_collect / best_raw
-    print(f"\nCollector on EnvPool (2 envs, 2 threads) vs raw EnvPool, frames/s: collect "
-          f"{best_collect:.0f}, raw {best_raw:.0f}, ratio {ratio:.2f}  target>=0.9  "
+    print(f"\nCollector on EnvPool (2 envs, 2 threads, random policy) vs raw EnvPool, frames/s: "
+          f"collect {best_collect:.0f}, raw {best_raw:.0f}, ratio {ratio:.2f}  target>=0.9  "
           f"{verdict(ratio, 0.9)}")
 
+
+def atari_lines(atari: EnvConfig, n_envs: int) -> None:
+    """EnvPool vs ALE through Gymnasium: one env each, and ``n_envs`` envs as agents train."""
+    from envs.envpool_vec import make_envpool_vec_env
+
+    print(f"\nAtari {atari.image_size}x{atari.image_size} gray={atari.grayscale}, frame skip "
+          f"{atari.frame_skip} (agent steps/s): EnvPool vs ALE through Gymnasium")
+    for game in ("ALE/Pong-v5", "ALE/Breakout-v5"):
+        ale = atari.model_copy(update={"id": game})
+        pool = ale.model_copy(update={"backend": "envpool"})
+        single, batched, one, two = interleaved([
+            stepper(make_env(ale), 100),
+            vec_stepper(envs.make_vec_env(ale, n_envs=n_envs, vec_env="dummy"), 25),
+            vec_stepper(make_envpool_vec_env(pool, n_envs=n_envs, num_threads=1), 25),
+            vec_stepper(make_envpool_vec_env(pool, n_envs=n_envs, num_threads=2), 25),
+        ], seconds=2.0)
+        alone = rate(stepper(make_env(pool), 100), 2.0)
+        print(f"  {game:16s} 1 env: gymnasium {single:6.0f}, envpool {alone:6.0f} "
+              f"(x{alone / single:.2f})")
+        print(f"  {'':16s} {n_envs} envs: gymnasium DummyVecEnv {batched:6.0f}, envpool 1 thread "
+              f"{one:6.0f} (x{one / batched:.2f}), 2 threads {two:6.0f} (x{two / batched:.2f})")
+
+
+def envpool_main() -> None:
+    try:
+        import envpool  # noqa: F401
+    except ImportError:
+        print("(EnvPool skipped: pip install 'worldmodel[fast]')")
+        return
+    from worldmodel.config import resolve_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    car = resolve_config(root / "carracing.yaml").env.model_copy(update={"backend": "gymnasium"})
+    carracing_lines(car)
+    collector_line(car)
     try:
         import ale_py  # noqa: F401
     except ImportError:
         print("(Atari skipped: pip install 'worldmodel[atari]')")
         return
     atari = resolve_config(root / "pong.yaml").env.model_copy(update={"backend": "gymnasium"})
-    print(f"\nAtari {atari.image_size}x{atari.image_size} gray={atari.grayscale}, frame skip "
-          f"{atari.frame_skip}, one env (agent steps/s): EnvPool vs ALE through Gymnasium")
-    for game in ("ALE/Pong-v5", "ALE/Breakout-v5"):
-        ale = atari.model_copy(update={"id": game})
-        pool_cfg = ale.model_copy(update={"backend": "envpool"})
-        a, b = compare(stepper(make_env(ale), 100), stepper(make_env(pool_cfg), 100), 2.0)
-        print(f"  {game:22s} gymnasium {a:7.0f}  envpool {b:7.0f}  x{b / a:5.2f}")
+    atari_lines(atari, n_envs=atari.n_envs)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] != ["envpool"]:  # `python -m bench.envs envpool`: only the EnvPool lines
+        main()
     envpool_main()
