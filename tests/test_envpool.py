@@ -353,6 +353,16 @@ def test_collector_pool_is_reproducible(tmp_path: Path, env_id: str, policy: str
 
 
 @needs_envpool
+def test_collector_frames_mode_keeps_the_shortest_prefix(tmp_path: Path) -> None:
+    cfg = carracing_cfg("collect.frames=100", "collect.workers=3", "env.max_episode_steps=15")
+    reader = open_dataset(run(cfg, tmp_path / "d"))
+    assert reader.episode_ids == list(range(7)) and reader.num_frames == 105
+    record = json.loads((tmp_path / "d" / "manifest.json").read_text())["runs"][-1]
+    assert record["frames_stepped"] <= 105 + 2 * 15  # at most the 2 other slots past the end
+    assert print_verify(tmp_path / "d") == 0
+
+
+@needs_envpool
 def test_collect_resumes_after_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "data"
     overrides = ["env.id=CarRacing-v3", "env.backend=envpool", "env.image_size=16",
