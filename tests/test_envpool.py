@@ -429,3 +429,26 @@ def test_agents_train_and_evaluate_on_envpool(tmp_path: Path) -> None:
     assert result["video"]["frames"] == 12 and result["video"]["reconstruction"]
     result = read_json(evaluate.run(runs["pixel"], episodes=1, video=True))
     assert result["video"]["frames"] == 12
+
+
+@needs_envpool
+@pytest.mark.slow
+def test_pipeline_runs_on_envpool(tmp_path: Path) -> None:
+    from worldmodel import pipeline
+
+    cfg = resolve_config(Path(__file__).parents[1] / "configs" / "carracing.yaml", [
+        "env.image_size=32", "env.max_episode_steps=12", "env.n_envs=2", "collect.episodes=4",
+        *VAE_SETTINGS, "vae.epochs=null", "vae.steps=4", "vae.batch_size=16", "vae.val_every=4",
+        "vae.val_frames=16", "vae.probe_frames=0", "agent.timesteps=64", "agent.eval_every=64",
+        "agent.eval_episodes=2", "agent.eval_envs=2", "agent.checkpoint_every=64",
+        "agent.hyperparams.n_steps=32", "agent.hyperparams.batch_size=32",
+        "agent.hyperparams.n_epochs=1", "agent.normalize_reward=false",
+        "pipeline.obs_modes=[latent, random-encoder]", "pipeline.seeds=[0]",
+        "pipeline.eval_episodes=2", "pipeline.visualize=false", "compare.random_episodes=2",
+        "compare.bootstrap_reps=100",
+    ])
+    assert cfg.env.backend == "envpool"
+    report = pipeline.run(cfg, tmp_path / "pipe")
+    assert report.is_file()
+    runs = json.loads((tmp_path / "pipe" / "data" / "manifest.json").read_text())["runs"]
+    assert runs[0]["backend"] == "envpool"
