@@ -1,0 +1,1 @@
+"""Benchmarks: speed ratios measured in one run (``make bench``)."""

@@ -196,7 +196,9 @@ class AgentConfig(Section):
     eval_episodes: int = Field(10, ge=1, description="Episodes per periodic evaluation.")
     checkpoint_every: int = Field(25_000, ge=1, description="Save last.zip every N env steps.")
     eval_envs: int = Field(
-        1, ge=1, description="Parallel envs of the periodic evaluation (seeded apart from training)."
+        1,
+        ge=1,
+        description="Parallel envs of the periodic evaluation (seeded apart from training).",
     )
     eval_deterministic: bool = Field(
         True, description="Greedy actions in the periodic evaluations during training."
