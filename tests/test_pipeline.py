@@ -87,6 +87,11 @@ def test_agent_keys_follow_what_each_mode_reads() -> None:
         b = stage_key(agent_config(changed, mode, 0), ("seed", "env", "agent", "vae"))
         assert (a != b) == depends_on_vae or mode == "pixel"
     assert agent_config(cfg, "pixel", 3).seed == 3 and cfg.seed == 0
+    # logging cadence and devices change no result: they leave every key as it was
+    cosmetic = resolve_config(None, [*TINY, "vae.log_every=7", "data.loader_workers=3",
+                                     "agent.torch_threads=2"])
+    for sections in (("seed", "vae", "data"), ("seed", "env", "agent", "vae")):
+        assert stage_key(cosmetic, sections) == stage_key(cfg, sections)
 
 
 def test_resume_after_a_killed_stage(tmp_path: Path) -> None:

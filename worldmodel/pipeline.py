@@ -44,9 +44,23 @@ log = logging.getLogger(__name__)
 USES_VAE_WEIGHTS = ("latent", "latent-finetune")
 
 
+#: Settings that change how a stage runs or logs, never what it produces: not part of stage keys.
+NOT_IN_KEYS = {
+    "vae": ("log_every", "image_every", "device"),
+    "data": ("loader_workers",),
+    "agent": ("device", "torch_threads", "checkpoint_every"),
+}
+
+
 def stage_key(cfg: Config, sections: tuple[str, ...], *parents: str) -> str:
-    """Hash of the config sections a stage reads and the keys of the stages it reads from."""
+    """Hash of the config sections a stage reads and the keys of the stages it reads from.
+
+    Settings in :data:`NOT_IN_KEYS` are left out, so changing them reruns nothing.
+    """
     data = cfg.model_dump(mode="json", include=set(sections))
+    for section, keys in NOT_IN_KEYS.items():
+        for key in keys:
+            data.get(section, {}).pop(key, None)
     text = json.dumps([data, list(parents)], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -145,7 +159,8 @@ def agent_job(job: AgentJob) -> str:
 
 def _agent_jobs(cfg: Config, out: Path, vae_dir: Path, vae_key: str) -> list[AgentJob]:
     jobs = []
-    parallel = max(1, min(cfg.pipeline.parallel, len(cfg.pipeline.seeds) * 4))
+    n_jobs = len(cfg.pipeline.obs_modes) * len(cfg.pipeline.seeds)
+    parallel = max(1, min(cfg.pipeline.parallel, n_jobs))
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else 0
     for mode in cfg.pipeline.obs_modes:
         for seed in cfg.pipeline.seeds:
