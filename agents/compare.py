@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 RANDOM = "random policy"
 METRICS = ("IQM", "mean", "median")
 #: Config keys that never define a group (they differ between seeds or do not affect training).
-IGNORED_KEYS = ("seed", "pipeline.", "compare.", "data.", "collect.", "agent.device", "vae.device")
+IGNORED_KEYS = (
+    "seed", "pipeline.", "compare.", "data.", "collect.", "env.vec_env", "agent.device",
+    "agent.torch_threads", "agent.checkpoint_every", "agent.replay_buffer_max_mb", "vae.device",
+)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class AgentRun:
     curve: np.ndarray
     steps_per_second: float
     eval_seed: int | None
+    deterministic: bool
     vae: dict[str, Any] | None = None
     group: str = ""
 
@@ -75,6 +79,9 @@ def load_agent_run(path: Path) -> AgentRun:
 
     The final score comes from ``eval.json`` (written by ``worldmodel evaluate``); without it, from
     the last periodic evaluation in ``evaluations.jsonl``.
+
+    :raises UserError: when the run is missing, unfinished (no ``summary.json``), or its
+        ``eval.json`` scored an older model than the one training ended with.
     """
     path = Path(path)
     if not path.is_dir():
@@ -89,21 +96,34 @@ def load_agent_run(path: Path) -> AgentRun:
     steps = np.array([r["timesteps"] for r in records], dtype=np.int64)
     seconds = np.array([r["wall_seconds"] for r in records], dtype=np.float64)
     curve = np.array([np.mean(r["returns"]) for r in records], dtype=np.float64)
+    summary_file = path / "summary.json"
+    if not summary_file.is_file():
+        raise UserError(
+            f"{path} has not finished training (no summary.json): finish it with "
+            f"`worldmodel train-agent --resume --out {path}` or leave it out"
+        )
+    summary = read_json(summary_file)
     eval_file = path / "eval.json"
     eval_seed = None
+    deterministic = config.agent.eval_deterministic
     if eval_file.is_file():
         final = read_json(eval_file)
+        if final.get("timesteps") is not None and int(final["timesteps"]) != int(steps[-1]):
+            raise UserError(
+                f"{eval_file} scored the model at {final['timesteps']} steps but training ended "
+                f"at {steps[-1]}: re-run `worldmodel evaluate {path}`"
+            )
         returns = np.asarray(final["returns"], dtype=np.float64)
         eval_seed = final.get("seed")
+        deterministic = bool(final.get("deterministic", deterministic))
     else:
         log.warning("%s: no eval.json, using its last periodic evaluation", path)
         returns = np.asarray(records[-1]["returns"], dtype=np.float64)
-    summary_file = path / "summary.json"
-    summary = read_json(summary_file) if summary_file.is_file() else {}
     sps = summary.get("steps_per_second") or float(steps[-1] / max(seconds[-1], 1e-9))
     vae_file = path / "vae.json"
     vae = read_json(vae_file) if vae_file.is_file() else None
-    return AgentRun(path, config, returns, steps, seconds, curve, float(sps), eval_seed, vae)
+    return AgentRun(path, config, returns, steps, seconds, curve, float(sps), eval_seed,
+                    deterministic, vae)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -115,25 +135,43 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): repr(data)}
 
 
-def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
-    """Group runs by ``agent.obs_mode`` plus every other differing config key (not the seed).
+def _run_settings(run: AgentRun) -> dict[str, Any]:
+    """The run's config as ``{dotted.key: repr(value)}``, plus ``vae`` for a trained encoder."""
+    settings = _flatten(run.config.model_dump(mode="json"))
+    if run.vae and run.vae.get("kind") == "vae" and run.vae.get("weights_hash"):
+        settings["vae"] = str(run.vae["weights_hash"])[:12]
+    return settings
 
-    :raises UserError: when the runs are not from the same env and preprocessing.
+
+def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
+    """Group runs by ``agent.obs_mode`` plus every other differing setting (not the seed).
+
+    Settings are the run's config and, for agents on a trained VAE, that VAE's weights (``vae``:
+    the start of their hash), so agents on different VAEs are never pooled.
+
+    :raises UserError: when the runs are not from the same env and preprocessing, or were scored
+        differently (greedy vs sampled actions).
     """
     envs = {r.config.env.model_dump_json(exclude={"n_envs", "vec_env"}) for r in runs}
     if len(envs) > 1:
         ids = sorted({f"{r.config.env.id} ({r.path})" for r in runs})
         raise UserError(f"runs come from different envs or preprocessing: {', '.join(ids)}")
-    flat = [_flatten(r.config.model_dump(mode="json")) for r in runs]
+    if len({r.deterministic for r in runs}) > 1:
+        greedy = [str(r.path) for r in runs if r.deterministic]
+        raise UserError(
+            "runs were scored with greedy and with sampled actions (greedy: "
+            f"{', '.join(greedy)}): re-run `worldmodel evaluate` on them with the same flag"
+        )
+    flat = [_run_settings(r) for r in runs]
     keys = sorted({k for f in flat for k in f})
     differing = [
         k for k in keys
-        if len({f.get(k) for f in flat}) > 1 and not k.startswith(IGNORED_KEYS)
+        if len({f[k] for f in flat if k in f}) > 1 and not k.startswith(IGNORED_KEYS)
         and k != "agent.obs_mode"
     ]
     groups: dict[str, Group] = {}
     for run, f in zip(runs, flat, strict=True):
-        extra = ", ".join(f"{k}={f.get(k)}" for k in differing)
+        extra = ", ".join(f"{k}={f[k]}" for k in differing if k in f)
         run.group = run.config.agent.obs_mode + (f" ({extra})" if extra else "")
         groups.setdefault(run.group, Group(run.group)).runs.append(run)
     for group in groups.values():

@@ -26,7 +26,10 @@ def fake_run(root: Path, name: str, obs_mode: str, seed: int, final: np.ndarray,
         for k, value in enumerate(curve):
             f.write(json.dumps({"timesteps": 1000 * (k + 1), "wall_seconds": 2.0 * (k + 1),
                                 "returns": [value, value], "lengths": [10, 10]}) + "\n")
-    (path / "eval.json").write_text(json.dumps({"returns": final.tolist(), "seed": 500}))
+    (path / "eval.json").write_text(json.dumps({
+        "returns": final.tolist(), "seed": 500, "timesteps": 1000 * len(curve),
+        "deterministic": False,
+    }))
     (path / "summary.json").write_text(json.dumps({"steps_per_second": 100.0 + seed}))
     return path
 
@@ -86,6 +89,36 @@ def test_groups_split_on_differing_keys(tmp_path: Path) -> None:
     groups = compare.group_runs(runs)
     assert [g.name for g in groups] == ["latent (agent.history=1)", "latent (agent.history=2)"]
     assert [len(g.runs) for g in groups] == [2, 1]
+
+
+def test_agents_on_different_vaes_are_not_pooled(tmp_path: Path) -> None:
+    runs = []
+    for name, weights in (("a", "aaaa1111bbbb2222"), ("b", "aaaa1111bbbb2222"), ("c", "ffff")):
+        path = fake_run(tmp_path, name, "latent", ord(name), np.zeros(2), [0.0])
+        (path / "vae.json").write_text(json.dumps({"kind": "vae", "weights_hash": weights}))
+        runs.append(compare.load_agent_run(path))
+    pixel = compare.load_agent_run(fake_run(tmp_path, "p", "pixel", 0, np.zeros(2), [0.0]))
+    groups = compare.group_runs([*runs, pixel])
+    assert [(g.name, len(g.runs)) for g in groups] == [
+        ("pixel", 1), ("latent (vae=aaaa1111bbbb)", 2), ("latent (vae=ffff)", 1)]
+
+
+def test_stale_unfinished_or_mixed_scores_refused(tmp_path: Path) -> None:
+    stale = fake_run(tmp_path, "stale", "latent", 0, np.zeros(2), [0.0, 1.0])
+    data = json.loads((stale / "eval.json").read_text())
+    (stale / "eval.json").write_text(json.dumps({**data, "timesteps": 1000}))
+    with pytest.raises(UserError, match="re-run `worldmodel evaluate"):
+        compare.load_agent_run(stale)
+    unfinished = fake_run(tmp_path, "unfinished", "latent", 0, np.zeros(2), [0.0])
+    (unfinished / "summary.json").unlink()
+    with pytest.raises(UserError, match="has not finished training"):
+        compare.load_agent_run(unfinished)
+    greedy = fake_run(tmp_path, "greedy", "pixel", 0, np.zeros(2), [0.0])
+    data = json.loads((greedy / "eval.json").read_text())
+    (greedy / "eval.json").write_text(json.dumps({**data, "deterministic": True}))
+    sampled = fake_run(tmp_path, "sampled", "pixel", 1, np.zeros(2), [0.0])
+    with pytest.raises(UserError, match="greedy and with sampled actions"):
+        compare.run([greedy, sampled], tmp_path / "out", FAST)
 
 
 def test_different_envs_refused(tmp_path: Path) -> None:
