@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -179,6 +180,36 @@ def _policy_kwargs(value: Any) -> dict[str, Any]:
     return out
 
 
+def _noise_std(value: Any) -> float:
+    """``noise_std`` as a non-negative float (a clear error for ``abc`` or ``[1]``)."""
+    try:
+        std = float(_number(value))
+    except (TypeError, ValueError):
+        std = math.nan
+    if not std >= 0 or isinstance(value, bool):
+        raise UserError(
+            f"agent.hyperparams.noise_std: expected a number >= 0 (e.g. 0.1), got {value!r}"
+        )
+    return std
+
+
+def _train_freq(value: Any) -> int | tuple[int, str]:
+    """``4`` -> ``4``, ``[4, "step"]`` -> ``(4, "step")``; a clear error for ``[4]``."""
+    try:
+        n, unit = value if isinstance(value, list) else (value, "step")
+        n = _number(n)
+        whole = isinstance(n, int | float) and not isinstance(n, bool) and float(n).is_integer()
+        freq = int(n) if whole else 0
+    except (TypeError, ValueError):
+        freq, unit = 0, None
+    if freq < 1 or unit not in ("step", "episode"):
+        raise UserError(
+            f"agent.hyperparams.train_freq: expected N or [N, step|episode] with N >= 1 "
+            f"(e.g. 4 or [1, episode]), got {value!r}"
+        )
+    return (freq, unit) if isinstance(value, list) else freq
+
+
 def _action_noise(kind: Any, std: float, action_space: spaces.Space[Any] | None) -> Any:
     from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
@@ -211,7 +242,7 @@ def parse_hyperparams(
     valid = sorted(k for k in params if k not in ("self", "policy", "env", "_init_setup_model"))
     out: dict[str, Any] = {}
     noise_type = raw.get("noise_type")
-    noise_std = float(_number(raw.get("noise_std", 0.1)))
+    noise_std = _noise_std(raw.get("noise_std", 0.1))
     for key, value in raw.items():
         if key in ("noise_type", "noise_std"):
             continue
@@ -229,8 +260,8 @@ def parse_hyperparams(
             out[key] = _schedule(key, value)
         elif key == "policy_kwargs":
             out[key] = _policy_kwargs(value)
-        elif key == "train_freq" and isinstance(value, list):
-            out[key] = (int(value[0]), str(value[1]))
+        elif key == "train_freq":
+            out[key] = _train_freq(value)
         elif key in TOP_CLASS_MODULES:
             out[key] = resolve_class(value, TOP_CLASS_MODULES[key], f"agent.hyperparams.{key}")
         else:

@@ -100,3 +100,18 @@ def test_shipped_configs_give_valid_sb3_arguments(name: str) -> None:
     assert cfg.env.frame_skip == (2 if name == "carracing" else 4)
     if name == "carracing":
         assert kw["use_sde"] and kw["policy_kwargs"]["activation_fn"] is torch.nn.GELU
+
+
+@pytest.mark.parametrize("value", [[4], [4, "steps"], ["x", "step"], [0, "step"], "4 step", 2.5])
+def test_bad_train_freq_is_a_user_error_naming_the_key(value: object) -> None:
+    with pytest.raises(UserError, match=r"train_freq: expected N or \[N, step\|episode\]"):
+        parse_hyperparams({"train_freq": value}, DQN)
+    assert parse_hyperparams({"train_freq": ["8", "step"]}, DQN)["train_freq"] == (8, "step")
+    assert parse_hyperparams({"train_freq": 4}, DQN)["train_freq"] == 4
+
+
+@pytest.mark.parametrize("value", ["abc", [1], -0.1, True])
+def test_bad_noise_std_is_a_user_error_naming_the_key(value: object) -> None:
+    with pytest.raises(UserError, match=r"noise_std: expected a number >= 0"):
+        parse_hyperparams({"noise_type": "normal", "noise_std": value}, TD3)
+    assert parse_hyperparams({"noise_std": "0.2"}, TD3) == {}  # no noise_type: no noise
