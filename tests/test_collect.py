@@ -120,6 +120,41 @@ def test_frames_mode_keeps_shortest_prefix_and_rerun_is_noop(tmp_path: Path) -> 
     assert print_verify(out) == 0
 
 
+def test_frames_mode_drops_episodes_a_killed_run_committed_past_the_target(
+    tmp_path: Path,
+) -> None:
+    from worldmodel.dataset import Location, read_shard_index, rewrite_shard_index
+
+    out = run(small_cfg("collect.episodes=6", "collect.workers=2"), tmp_path / "d")
+    lengths = [e["length"] for e in open_dataset(out).episode_index()]
+    # As a killed frames-mode run leaves it: ids 3-5 committed by parallel workers, id 2 not.
+    loc = Location(out)
+    shard = open_dataset(out).episode_index()[2]["shard"]
+    rewrite_shard_index(loc, shard, [e for e in read_shard_index(loc, shard) if e["id"] != 2])
+    assert open_dataset(out).episode_ids == [0, 1, 3, 4, 5]
+    # ids 0-2 reach the target: the resumed run collects id 2 and keeps only 0-2.
+    run(small_cfg(f"collect.frames={sum(lengths[:3])}", "collect.workers=2"), out)
+    assert open_dataset(out).episode_ids == [0, 1, 2]
+    # Already complete (ids 0-1 reach it): the early return trims too.
+    run(small_cfg(f"collect.frames={sum(lengths[:2])}", "collect.workers=2"), out)
+    assert open_dataset(out).episode_ids == [0, 1]
+    assert print_verify(out) == 0
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from worldmodel.cli import main as cli_main
+
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert cli_main(["-q", "collect", "--out", str(target), *(a for s in SMALL
+                                                               for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"worldmodel collect: error: --out {target} is a file; pass a folder for "
+                   "the dataset"]
+    assert target.read_text() == "mine"
+
+
 def test_refuses_a_dataset_of_other_settings(two_worker_data: tuple[Config, Path]) -> None:
     _, out = two_worker_data
     before = (out / "manifest.json").read_text()

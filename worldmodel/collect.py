@@ -10,7 +10,8 @@ How a collection runs:
   shard and commits them (atomic index rewrite) at least every ``collect.commit_seconds``.
 * Re-running the same command resumes: episodes already committed are skipped, a killed
   worker's uncommitted tail is deleted. ``collect.frames`` keeps the shortest prefix of episode
-  ids with at least that many frames (extra episodes finished in parallel are dropped).
+  ids with at least that many frames: episodes past it (finished in parallel, committed by a
+  killed run, or kept from a larger earlier target) are dropped from the index.
 * Backends: ``process`` (``multiprocessing`` with the spawn start method; workers die with the
   parent), ``ray`` (the same worker function as Ray tasks, e.g. on a cluster writing to shared
   storage), ``envpool`` (below).
@@ -930,7 +931,6 @@ class _Plan:
         self.episodes, self.frames = cfg.collect.episodes, cfg.collect.frames
         self.lengths = dict(committed)  # id -> length of committed and finished episodes
         self.workers = workers
-        self.dispatched: set[int] = set()
         self.final_n: int | None = None  # frames mode: the dataset is ids < final_n
         self._prefix_n = self._prefix_sum = 0
         if self.episodes is not None:
@@ -957,11 +957,8 @@ class _Plan:
     def initial(self) -> list[int]:
         """Ids to queue at the start (all of them for ``episodes``)."""
         if self.episodes is not None:
-            ids = list(self.todo)
-        else:
-            ids = [next(self.todo) for _ in range(self.workers + 1)]
-        self.dispatched.update(ids)
-        return ids
+            return list(self.todo)
+        return [next(self.todo) for _ in range(self.workers + 1)]
 
     def finished(self, eid: int, length: int) -> list[int]:
         """Record a finished episode; returns the ids to queue next (frames mode)."""
@@ -971,9 +968,7 @@ class _Plan:
         self._advance()
         if self.final_n is not None:
             return []
-        nxt = next(self.todo)
-        self.dispatched.add(nxt)
-        return [nxt]
+        return [next(self.todo)]
 
 
 class _Progress:
@@ -1187,16 +1182,25 @@ BACKENDS: dict[str, Callable[[_Job], None]] = {
 
 
 def _drop_extra(loc: Location, plan: _Plan, shards: list[str]) -> None:
-    """Frames mode: forget episodes of this run past the shortest prefix that has the frames."""
+    """Frames mode: forget every episode past the shortest prefix of ids that has the frames.
+
+    That includes episodes committed by an earlier, killed run of the same dataset, and those
+    of a previous run with a larger target. Only index lines go: the frames stay in the shard
+    (unread; a shard's tail is deleted by its next writer).
+    """
     if plan.final_n is None:
         return
+    dropped = 0
     for shard in shards:
         entries = read_shard_index(loc, shard)
-        keep = [e for e in entries
-                if int(e["id"]) < plan.final_n or int(e["id"]) not in plan.dispatched]
+        keep = [e for e in entries if int(e["id"]) < plan.final_n]
         if len(keep) != len(entries):
             with shard_lock(loc, shard):
                 rewrite_shard_index(loc, shard, keep)
+            dropped += len(entries) - len(keep)
+    if dropped:
+        log.info("collect: dropped %d episode(s) past the first %d, which hold the %d frames "
+                 "requested", dropped, plan.final_n, plan.frames)
 
 
 def run(cfg: Config, out: Path, make_policy: MakePolicy | None = None) -> Path:
@@ -1219,7 +1223,12 @@ def run(cfg: Config, out: Path, make_policy: MakePolicy | None = None) -> Path:
     resolve_backend(cfg)  # fail before creating anything
     loc = Location(out)
     if not loc.remote:
-        Path(loc.url).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(loc.url).mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"--out {loc} is a file; pass a folder for the dataset") from None
+        except OSError as e:
+            raise UserError(f"cannot create the dataset folder {loc} ({e.strerror})") from e
     lock = FileLock(None if loc.remote else loc.path(".collect.lock"))
     lock.acquire(timeout=0.0, what=str(loc))
     try:
@@ -1249,8 +1258,10 @@ def _run_locked(cfg: Config, loc: Location, make_policy: MakePolicy | None) -> P
     plan = _Plan(cfg, committed, c.workers)
     loc.write_text(cfg.to_yaml(), "config.yaml")
     if plan.complete:
+        _drop_extra(loc, plan, manifest["shards"])
+        kept = [n for i, n in committed.items() if plan.final_n is None or i < plan.final_n]
         log.info("collect: %s already holds the requested data (%d episodes, %d frames)",
-                 loc, len(committed), sum(committed.values()))
+                 loc, len(kept), sum(kept))
         return Path(loc.url)
     workers = c.workers if plan.episodes is None else min(c.workers, plan.remaining)
     layout = Layout.from_json(manifest["layout"])
@@ -1272,7 +1283,7 @@ def _run_locked(cfg: Config, loc: Location, make_policy: MakePolicy | None) -> P
         BACKENDS[backend](job)
     finally:
         progress.close()
-    _drop_extra(loc, plan, [s.shard for s in specs])
+    _drop_extra(loc, plan, manifest["shards"])
     return _finish(job, manifest, committed)
 
 
