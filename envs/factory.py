@@ -30,7 +30,7 @@ from gymnasium.wrappers import (
 )
 
 from envs.config import Crop, EnvConfig
-from envs.wrappers import CropObservation, FrameSkip, ShrinkObservation
+from envs.wrappers import CropObservation, EnvConfigError, FrameSkip, ShrinkObservation
 
 if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
@@ -41,6 +41,15 @@ Family = Literal["worldmodel", "atari", "carracing", "image", "render"]
 DEFAULT_CROP: dict[str, Crop] = {"carracing": Crop(bottom=12)}
 
 ATARI_EXTRA = 'pip install "worldmodel[atari]"'
+
+__all__ = [
+    "EnvConfigError",
+    "UnknownEnvError",
+    "check_env_id",
+    "env_family",
+    "make_env",
+    "make_vec_env",
+]
 
 
 class UnknownEnvError(gym.error.Error):
@@ -134,7 +143,10 @@ def make_env(
 
 def _make_atari(cfg: EnvConfig, kwargs: dict[str, Any]) -> gym.Env[np.ndarray, Any]:
     if cfg.crop is not None and not cfg.crop.is_empty():
-        raise ValueError("env.crop is not supported for Atari games (AtariPreprocessing resizes)")
+        raise EnvConfigError(
+            f"env.crop is not supported for Atari games ({cfg.id}: AtariPreprocessing resizes "
+            "the whole 210x160 screen itself); remove env.crop"
+        )
     # AtariPreprocessing reads the screen itself: a grayscale base skips an RGB copy per frame.
     kwargs.setdefault("obs_type", "grayscale" if cfg.grayscale else "rgb")
     base = gym.make(cfg.id, frameskip=1, **kwargs)

@@ -15,6 +15,10 @@ from gymnasium import spaces
 from envs.config import Crop
 
 
+class EnvConfigError(gym.error.Error, ValueError):
+    """An ``env`` setting that cannot work for this game (the CLI prints it as one line)."""
+
+
 class CropObservation(gym.ObservationWrapper[np.ndarray, Any, np.ndarray]):
     """Remove pixels from the borders of ``(H, W, C)`` image observations.
 
@@ -31,7 +35,10 @@ class CropObservation(gym.ObservationWrapper[np.ndarray, Any, np.ndarray]):
         assert isinstance(space, spaces.Box) and space.shape is not None
         h, w = space.shape[:2]
         if crop.top + crop.bottom >= h or crop.left + crop.right >= w:
-            raise ValueError(f"crop {crop.model_dump()} leaves nothing of a {h}x{w} frame")
+            raise EnvConfigError(
+                f"env.crop {crop.model_dump()} leaves nothing of the {h}x{w} (HxW) frames: "
+                f"keep top + bottom below {h} and left + right below {w}"
+            )
         self._rows = slice(crop.top, h - crop.bottom)
         self._cols = slice(crop.left, w - crop.right)
         shape = (h - crop.top - crop.bottom, w - crop.left - crop.right, *space.shape[2:])

@@ -7,6 +7,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs import Crop, EnvConfig, UnknownEnvError, make_env, make_vec_env
+from envs.factory import EnvConfigError
 from envs.reach import ReachEnv
 from envs.wrappers import FrameSkip
 
@@ -116,6 +117,16 @@ def test_atari_preprocessing(env_id: str) -> None:
     frames, _ = rollout(env, seed=1, steps=20)
     again, _ = rollout(make_env(EnvConfig(id=env_id, frame_skip=4, grayscale=True)), 1, 20)
     np.testing.assert_array_equal(frames, again)
+
+
+def test_bad_crops_are_one_line_gymnasium_errors_naming_the_key() -> None:
+    with pytest.raises(EnvConfigError, match=r"env\.crop .* leaves nothing of the 32x32") as e:
+        make_env(EnvConfig(image_size=32, crop=Crop(top=20, bottom=12)))
+    assert isinstance(e.value, gym.error.Error) and "\n" not in str(e.value)  # CLI: one line
+    assert make_env(EnvConfig(image_size=32, crop=Crop(top=20, bottom=11))).observation_space.shape
+    pytest.importorskip("ale_py", reason="needs the atari extra: pip install 'worldmodel[atari]'")
+    with pytest.raises(EnvConfigError, match=r"env\.crop is not supported .*210x160"):
+        make_env(EnvConfig(id="ALE/Pong-v5", crop=Crop(top=2)))
 
 
 def test_frame_skip_sums_rewards() -> None:
