@@ -32,7 +32,7 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalC
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import Logger, make_output_format
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
 from agents.hyperparams import parse_hyperparams
@@ -200,23 +201,45 @@ class PeriodicEval(EvalCallback):
 class Checkpoint(BaseCallback):
     """Save ``last.zip`` (and what resuming needs) every ``every`` env steps.
 
+    On-policy algorithms (PPO, A2C) save when a rollout starts, just after the update on the
+    previous one: a save in the middle of a rollout would count steps that a resumed run never
+    trains on (the rollout buffer is not saved). Off-policy algorithms save after any step:
+    their transitions are in the saved replay buffer.
+
     :param save: the function that writes the checkpoint (see :func:`save_checkpoint`).
     """
 
-    def __init__(self, every: int, save: Any) -> None:
+    def __init__(self, every: int, save: Callable[[], None]) -> None:
         super().__init__()
         self.every = every
         self.save = save
         self.next_save = every
+        self.on_policy = False
+        self.trained_timesteps = 0  # on-policy: env steps of the rollouts already trained on
 
     def _init_callback(self) -> None:
+        self.on_policy = isinstance(self.model, OnPolicyAlgorithm)
+        self.trained_timesteps = self.model.num_timesteps
         self.next_save = (self.model.num_timesteps // self.every + 1) * self.every
 
-    def _on_step(self) -> bool:
-        if self.num_timesteps >= self.next_save:
-            self.next_save = (self.num_timesteps // self.every + 1) * self.every
+    def _save_if_due(self) -> None:
+        if self.model.num_timesteps >= self.next_save:
+            self.next_save = (self.model.num_timesteps // self.every + 1) * self.every
             self.save()
+
+    def _on_rollout_start(self) -> None:
+        if self.on_policy:
+            self.trained_timesteps = self.model.num_timesteps
+            self._save_if_due()
+
+    def _on_step(self) -> bool:
+        if not self.on_policy:
+            self._save_if_due()
         return True
+
+    def resumable_timesteps(self) -> int:
+        """The step count a save right now must record (on-policy: the steps trained on)."""
+        return self.trained_timesteps if self.on_policy else self.model.num_timesteps
 
 
 def _replay_buffer_mb(model: BaseAlgorithm) -> float:
@@ -226,9 +249,25 @@ def _replay_buffer_mb(model: BaseAlgorithm) -> float:
 
 
 def save_checkpoint(
-    model: BaseAlgorithm, run_dir: Path, cfg: Config, clock: Clock, evaluator: PeriodicEval
+    model: BaseAlgorithm,
+    run_dir: Path,
+    cfg: Config,
+    clock: Clock,
+    evaluator: PeriodicEval,
+    timesteps: int | None = None,
 ) -> None:
-    """Write ``last.zip``, ``train_state.json`` and, when useful, replay buffer and VecNormalize."""
+    """Write ``last.zip``, ``train_state.json`` and, when useful, replay buffer and VecNormalize.
+
+    :param timesteps: the step count to record instead of ``model.num_timesteps`` (an
+        interrupted on-policy rollout: its steps were never trained on).
+    """
+    if timesteps is not None and timesteps != model.num_timesteps:
+        current, model.num_timesteps = model.num_timesteps, timesteps
+        try:
+            save_checkpoint(model, run_dir, cfg, clock, evaluator)
+        finally:
+            model.num_timesteps = current
+        return
     with clock.paused():
         if isinstance(model, OffPolicyAlgorithm) and cfg.agent.replay_buffer_max_mb > 0:
             size = _replay_buffer_mb(model)
@@ -331,6 +370,15 @@ def _build_model(
         )
     except (TypeError, ValueError, AssertionError) as e:
         raise UserError(f"agent: SB3 {cfg.agent.algo} rejected the settings: {e}") from e
+    except RuntimeError as e:  # torch: a CNN whose kernels do not fit the frames
+        if "size" not in str(e):
+            raise
+        size = cfg.env.image_size
+        raise UserError(
+            f"agent: the policy network cannot read {size}x{size} frames ({e}); raise "
+            "env.image_size to >= 36 (NatureCNN's minimum) or set a features_extractor_class "
+            "in agent.hyperparams.policy_kwargs"
+        ) from e
 
 
 def _trim_evaluations(out: Path, timesteps: int) -> None:
@@ -344,6 +392,16 @@ def _trim_evaluations(out: Path, timesteps: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+def _read_state(out: Path) -> dict[str, Any]:
+    """``train_state.json``, or ``{}`` (clock from 0) when a crash came before its first write."""
+    path = out / "train_state.json"
+    if not path.is_file():
+        log.warning("%s is missing: wall-clock time starts again from 0", path)
+        return {}
+    state: dict[str, Any] = read_json(path)
+    return state
+
+
 def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool = False) -> Path:
     """Train an agent as ``cfg.agent`` says; see the module docstring for the run folder.
 
@@ -351,7 +409,8 @@ def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool = False) -
     :param out: the run folder.
     :param vae: the VAE run (``latent``, ``latent-finetune``; optional for ``random-encoder``,
         where it only decides the architecture).
-    :param resume: continue from ``out/last.zip`` (the step count goes on).
+    :param resume: continue from ``out/last.zip`` (the step count goes on; a session that
+        trains further deletes ``eval.json``, which described the agent before it).
     :return: ``out``.
     """
     out = Path(out)
@@ -392,11 +451,11 @@ def _train(
     record: dict[str, Any] | None,
     resume: bool,
 ) -> Path:
-    state = read_json(out / "train_state.json") if resume else {}
+    state = _read_state(out) if resume else {}
     session = len(list(out.glob("progress*.csv"))) if resume else 0
     model.set_logger(_logger(out, session))
-    if resume:
-        _trim_evaluations(out, model.num_timesteps)
+    if resume:  # last.zip and train_state.json are two writes: a crash can leave either older
+        _trim_evaluations(out, min(state.get("timesteps", 0), model.num_timesteps))
     clock = Clock(state.get("wall_seconds", 0.0), state.get("elapsed_seconds", 0.0))
     evaluator = PeriodicEval(
         eval_env, out, clock, cfg.agent.eval_every, cfg.agent.eval_episodes,
@@ -409,15 +468,17 @@ def _train(
     start_steps = model.num_timesteps
     remaining = cfg.agent.timesteps - model.num_timesteps
     if remaining > 0:
+        (out / "eval.json").unlink(missing_ok=True)  # of the agent before this session
+        checkpoint = Checkpoint(cfg.agent.checkpoint_every, save)
         try:
             model.learn(
                 remaining,
-                callback=CallbackList([evaluator, Checkpoint(cfg.agent.checkpoint_every, save)]),
+                callback=CallbackList([evaluator, checkpoint]),
                 reset_num_timesteps=not resume,
                 progress_bar=progress_enabled(),
             )
         except KeyboardInterrupt:
-            save()
+            save_checkpoint(model, out, cfg, clock, evaluator, checkpoint.resumable_timesteps())
             raise
     if remaining <= 0 and (out / "summary.json").is_file():
         log.info("%s already trained %d env steps; nothing to do", out, model.num_timesteps)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -139,6 +141,9 @@ def test_clear_errors(vae_run: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="rejected the settings"):
         train.run(agent_config("latent", hyperparams={"n_steps": 32, "use_sde": True}),
                   tmp_path / "h", vae=vae_run)
+    with pytest.raises(UserError, match=r"32x32 frames .*raise env\.image_size to >= 36 "
+                       r".*features_extractor_class"):
+        train.run(agent_config("pixel", size=32), tmp_path / "i")
 
 
 def test_other_preprocessing_is_a_warning(
@@ -181,3 +186,64 @@ def test_fresh_run_drops_records_of_a_run_that_died_before_its_checkpoint(
     (out / "evaluations.jsonl").write_text('{"timesteps": 999, "returns": [1.0]}\n')
     train.run(agent_config("latent", timesteps=64), out, vae=vae_run)
     assert [r["timesteps"] for r in read_jsonl(out / "evaluations.jsonl")] == [64]
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("algo", ["PPO", "A2C"])
+def test_on_policy_checkpoints_count_only_trained_steps(
+    algo: str, interrupt: type[BaseException], vae_run: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crash (or Ctrl-C) mid-run, then --resume: no env step is lost or counted twice."""
+    cfg = agent_config("latent", algo, timesteps=256)
+    rollout = cfg.agent.hyperparams["n_steps"] * cfg.env.n_envs  # PPO 64, A2C 16
+    epochs = cfg.agent.hyperparams.get("n_epochs", 1)  # PPO's _n_updates counts epochs
+    cls = algo_class(algo)
+    original = cls.train
+    crash_at = 64 + 2 * rollout  # in the update on the rollout that ends here
+
+    def train_or_crash(self: Any) -> None:
+        if self.num_timesteps == crash_at:
+            raise interrupt("crash")
+        original(self)
+
+    monkeypatch.setattr(cls, "train", train_or_crash)
+    with pytest.raises(interrupt):
+        train.run(cfg, tmp_path / "run", vae=vae_run)
+    out = tmp_path / "run"
+    saved = load_model(out, cfg, out / "last.zip")
+    assert saved.num_timesteps == rollout * saved._n_updates // epochs  # all of them trained on
+    assert read_json(out / "train_state.json")["timesteps"] == saved.num_timesteps
+    # a crash keeps the last periodic save (every 64 steps); Ctrl-C saves the last full update
+    trained = crash_at - rollout
+    expected = trained if interrupt is KeyboardInterrupt else trained // 64 * 64
+    assert saved.num_timesteps == expected
+
+    monkeypatch.setattr(cls, "train", original)
+    train.run(cfg, out, vae=vae_run, resume=True)
+    final = load_model(out, cfg, out / "last.zip")
+    assert final.num_timesteps == 256 == rollout * final._n_updates // epochs
+    assert [r["timesteps"] for r in read_jsonl(out / "evaluations.jsonl")] == [64, 128, 192, 256]
+
+
+def test_resume_after_a_crash_between_the_checkpoint_writes(vae_run: Path, tmp_path: Path) -> None:
+    """last.zip newer than train_state.json: the clock of kept records never goes backwards."""
+    out = train.run(agent_config("latent", timesteps=128), tmp_path / "run", vae=vae_run)
+    (out / "eval.json").write_text('{"timesteps": 128}')  # `worldmodel evaluate` of that agent
+    records = read_jsonl(out / "evaluations.jsonl")
+    records[1]["wall_seconds"] = 1e6  # written after the state we fall back to
+    (out / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    state = read_json(out / "train_state.json")
+    state.update(timesteps=64, wall_seconds=records[0]["wall_seconds"])  # last.zip is at 128
+    (out / "train_state.json").write_text(json.dumps(state))
+    (out / "summary.json").unlink()
+    train.run(agent_config("latent", timesteps=256), out, vae=vae_run, resume=True)
+    assert not (out / "eval.json").exists()  # it described the agent before this session
+    records = read_jsonl(out / "evaluations.jsonl")
+    assert [r["timesteps"] for r in records] == [64, 192, 256]
+    seconds = [r["wall_seconds"] for r in records]
+    assert seconds == sorted(seconds)
+
+    (out / "train_state.json").unlink()  # a crash before the first state write: clock from 0
+    train.run(agent_config("latent", timesteps=320), out, vae=vae_run, resume=True)
+    assert [r["timesteps"] for r in read_jsonl(out / "evaluations.jsonl")] == [320]
