@@ -124,7 +124,7 @@ def run(
     run: Path,
     episodes: int = 10,
     video: bool = False,
-    deterministic: bool = False,
+    deterministic: bool | None = None,
     seed: int | None = None,
     checkpoint: Literal["last", "best"] = "last",
 ) -> Path:
@@ -133,7 +133,8 @@ def run(
     :param run: the agent run folder.
     :param episodes: episodes to play.
     :param video: also write a video of env 0's first episode.
-    :param deterministic: greedy actions instead of sampling from the policy.
+    :param deterministic: greedy actions instead of sampling from the policy; ``None``: as the
+        run's periodic evaluations did (``agent.eval_deterministic``, recorded in ``eval.json``).
     :param seed: seed of the evaluation envs (default: the run's seed + 1000).
     :param checkpoint: ``last`` (``last.zip``, the end of training) or ``best``
         (``best_model.zip``, chosen on the periodic evaluations: optimistic).
@@ -145,6 +146,8 @@ def run(
     if episodes < 1:
         raise UserError(f"--episodes must be >= 1, got {episodes}")
     cfg = load_run_config(run)
+    if deterministic is None:
+        deterministic = cfg.agent.eval_deterministic
     zip_path = run / ("last.zip" if checkpoint == "last" else "best_model.zip")
     encoder = load_encoder(run, cfg)
     seed = cfg.seed + EVAL_SEED_OFFSET if seed is None else seed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -47,6 +48,23 @@ def test_eval_json_values(runs: dict[str, Path]) -> None:
     assert result["timesteps"] == 64
     again = read_json(evaluate.run(runs["latent"], episodes=5, deterministic=True, seed=7))
     assert again["returns"] == result["returns"]  # one seed, one result
+
+
+def test_deterministic_defaults_to_the_runs_eval_deterministic(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    def evaluate_as(eval_deterministic: bool, deterministic: bool | None) -> bool:
+        run = tmp_path / f"{eval_deterministic}"
+        if not run.exists():
+            shutil.copytree(runs["latent"], run)
+            cfg = load_run_config(run)
+            cfg.agent.eval_deterministic = eval_deterministic
+            cfg.save(run / "config.yaml")
+        result = read_json(evaluate.run(run, episodes=1, deterministic=deterministic))
+        return bool(result["deterministic"])
+
+    assert evaluate_as(True, None) is True and evaluate_as(False, None) is False
+    assert evaluate_as(False, True) is True and evaluate_as(True, False) is False  # flag wins
 
 
 @pytest.mark.parametrize(("mode", "side_by_side"), [("latent", True), ("pixel", False),
