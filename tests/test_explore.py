@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -215,6 +217,64 @@ def test_http_api(server: ExplorerServer) -> None:
     status, nb = _get(url + "api/neighbours?episode=0&t=2&k=3")
     assert status == 200 and len(nb["items"]) == 3
     assert _get(url + "nope")[0] == 404
+
+
+def _raw(server: ExplorerServer, method: str, headers: dict[str, str], path: str = "/api/info",
+         body: bytes | None = None) -> tuple[int, Any]:
+    """One request with exactly ``headers`` (no automatic Host or Content-Length)."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(str(host), port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_bad_content_length_is_a_400(server: ExplorerServer) -> None:
+    host = {"Host": "127.0.0.1"}
+    for length in ("abc", "-5", str(2 << 20)):
+        status, out = _raw(server, "POST", host | {"Content-Length": length}, "/api/decode",
+                           b'{"z": [0]}')
+        assert status == 400 and "expected a JSON body" in out["error"], length
+
+
+def test_loopback_server_refuses_other_host_names(server: ExplorerServer) -> None:
+    """DNS rebinding: a page of evil.example resolved to 127.0.0.1 sends Host: evil.example."""
+    port = server.server_address[1]
+    for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LocalHost:{port}",
+                 f"[::1]:{port}"):
+        assert _raw(server, "GET", {"Host": host})[0] == 200, host
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                 "localhost:x", "[::2]"):
+        status, out = _raw(server, "GET", {"Host": host})
+        assert status == 400 and "unexpected Host header" in out["error"], host
+    assert _raw(server, "GET", {}, "/")[0] == 400  # no Host at all
+    z = json.dumps({"z": [0.0] * LATENT}).encode()
+    assert _raw(server, "POST", {"Host": "evil.example", "Content-Length": str(len(z))},
+                "/api/decode", z)[0] == 400
+    assert server.local_only
+    anywhere = ExplorerServer(("0.0.0.0", 0), server.explorer)
+    anywhere.server_close()
+    assert not anywhere.local_only  # exposed on purpose: the machine's names are not known
+
+
+def test_a_bug_is_a_500_with_json_and_a_log(
+    server: ExplorerServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.explorer, "info", broken)
+    with caplog.at_level(logging.ERROR, logger="worldmodel"):
+        status, out = _get(server.url + "api/info")
+    assert (status, out) == (500, {"error": "internal error: RuntimeError: boom"})
+    assert "GET /api/info failed" in caplog.text and "Traceback" in caplog.text
+    assert _get(server.url + "api/frame?episode=0&t=0")[0] == 200  # the server goes on
 
 
 def test_port_in_use_is_a_user_error(setup: dict[str, Path]) -> None:

@@ -17,15 +17,19 @@ JSON API served by the standard library's :class:`~http.server.ThreadingHTTPServ
     the ``K`` frames of the encoded sample nearest to that frame in latent space
     (``sklearn.neighbors.NearestNeighbors``, Euclidean on the posterior means).
 
-Errors come back as ``{"error": "..."}`` with status 400 or 404. The server binds 127.0.0.1
-unless told otherwise, and Ctrl-C stops it cleanly.
+Errors come back as ``{"error": "..."}`` with status 400 or 404 (500, logged, for a bug). The
+server binds 127.0.0.1 unless told otherwise, and Ctrl-C stops it cleanly. Bound to a loopback
+address, it answers only requests whose ``Host`` is ``127.0.0.1``, ``localhost`` or ``[::1]``
+(any port): a web page elsewhere cannot reach it through DNS rebinding.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
+import re
 import signal
 import socket
 import threading
@@ -50,6 +54,8 @@ __all__ = ["ApiError", "Explorer", "ExplorerServer", "make_server", "serve"]
 
 #: Largest request body accepted (a latent vector as JSON is far smaller).
 MAX_BODY = 1 << 20
+#: ``Host`` headers accepted by a server bound to a loopback address (any port).
+LOCAL_HOST = re.compile(r"(127\.0\.0\.1|localhost|\[::1\])(:\d{1,5})?", re.IGNORECASE)
 
 
 class ApiError(Exception):
@@ -206,6 +212,10 @@ class ExplorerServer(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+        host = self.server_address[0]
+        host = host if isinstance(host, str) else host.decode()
+        #: Whether requests must name a local ``Host`` (no DNS rebinding).
+        self.local_only = ipaddress.ip_address(host.split("%")[0]).is_loopback
 
     @property
     def url(self) -> str:
@@ -248,14 +258,31 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, call: Any) -> None:
         try:
-            self._json(200, call())
+            body = json.dumps(call()).encode()
         except ApiError as e:
             self._json(e.status, {"error": str(e)})
         except UserError as e:
             self._json(400, {"error": str(e)})
+        except Exception as e:  # a bug: answer (the page shows it) and log the traceback
+            log.exception("explore: %s %s failed", self.command, self.path)
+            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+        else:
+            self._send(200, body, "application/json")
+
+    def _host_refused(self) -> bool:
+        """Answer 400 when a loopback server gets a request for another host name."""
+        host = self.headers.get("Host") or ""
+        if not self.server.local_only or LOCAL_HOST.fullmatch(host):
+            return False
+        self._json(400, {"error": f"unexpected Host header {host!r}: open the page at "
+                                  "http://127.0.0.1:PORT/ or http://localhost:PORT/"})
+        self.close_connection = True  # a request body, if any, is left unread
+        return True
 
     def do_GET(self) -> None:
         """Serve the page and the read-only API."""
+        if self._host_refused():
+            return
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         ex = self.server.explorer
@@ -275,12 +302,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         """Decode a latent vector: ``{"z": [...]}`` -> ``{"image": data URI}``."""
+        if self._host_refused():
+            return
         if urlsplit(self.path).path != "/api/decode":
             self._json(404, {"error": f"no such endpoint {self.path}"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
         if not 0 < length <= MAX_BODY:
             self._json(400, {"error": "expected a JSON body {\"z\": [...]}"})
+            self.close_connection = True  # the body, if any, is left unread
             return
         try:
             body = json.loads(self.rfile.read(length))
