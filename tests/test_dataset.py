@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,77 @@ def test_uncommitted_tail_is_dropped_when_a_shard_is_reopened(tmp_path: Path) ->
     assert [e["id"] for e in read_shard_index(loc, "w0")] == [0, 1, 2]
     np.testing.assert_array_equal(reopened.arrays["obs"][:], np.concatenate(
         [np.full((5, 4, 4, 1), 1), np.full((7, 4, 4, 1), 2), np.full((3, 4, 4, 1), 3)]))
+
+
+def _small_layout() -> Layout:
+    return Layout(frame_shape=(4, 4, 1), action_shape=(), action_dtype="int64",
+                  state_shape=None, chunk_frames=8)
+
+
+def _episode(n: int, value: int) -> Episode:
+    done = np.zeros(n, bool)
+    done[-1] = True
+    return Episode(np.full((n, 4, 4, 1), value, np.uint8), np.arange(n), np.ones(n, np.float32),
+                   done, np.zeros(n, bool))
+
+
+def _write_small_dataset(root: Path) -> Location:
+    """Two committed episodes (5 + 7 steps) in shard w0, with a manifest that lists it."""
+    layout = _small_layout()
+    loc = Location(root)
+    ShardWriter(loc, "w0", layout, worker=0).write(
+        [({"id": 0, "seed": 1}, _episode(5, 1)), ({"id": 1, "seed": 2}, _episode(7, 2))])
+    loc.write_json({"format": "worldmodel-dataset", "format_version": 1, "shards": ["w0"],
+                    "layout": layout.to_json()}, "manifest.json")
+    return loc
+
+
+def test_commit_fsyncs_every_file_it_wrote_before_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the fsynced files")
+    import os
+
+    loc = _write_small_dataset(tmp_path)
+    writer = ShardWriter(loc, "w0", _small_layout(), worker=0)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    before = time.time_ns() - 1
+    time.sleep(0.01)
+    writer.write([({"id": 2, "seed": 3}, _episode(10, 3))])  # steps 12-21: chunks 1 and 2
+    index = str(tmp_path / "shards" / "w0.episodes.jsonl")
+    assert synced[-1] == index  # the commit comes last ...
+    shard = tmp_path / "shards" / "w0.zarr"
+    touched = {str(p) for p in shard.rglob("*") if p.stat().st_mtime_ns > before}
+    assert str(shard / "obs" / "c" / "2" / "0" / "0" / "0") in touched
+    missing = touched - set(synced[:-1])
+    assert not missing, missing  # ... after every file and folder the write changed
+
+
+def test_short_arrays_are_damaged_data_not_zeros(tmp_path: Path) -> None:
+    from worldmodel.dataset import DamagedDataError
+
+    loc = _write_small_dataset(tmp_path)
+    # Committed steps 0-11, but the array lost its last 4 (e.g. zarr.json of an OS crash).
+    zarr.open_array(str(tmp_path / "shards" / "w0.zarr" / "obs"), mode="a").resize((8, 4, 4, 1))
+    reader = open_dataset(tmp_path)
+    np.testing.assert_array_equal(reader.episode(0).obs, np.full((5, 4, 4, 1), 1))
+    with pytest.raises(DamagedDataError, match=r"obs\[5:12\] is cut short"):
+        reader.episode(1)
+    assert print_verify(tmp_path) == 1
+    with pytest.raises(DamagedDataError, match="holds 8 steps but its index commits 12"):
+        ShardWriter(loc, "w0", _small_layout(), worker=0)
+    obs = zarr.open_array(str(tmp_path / "shards" / "w0.zarr" / "obs"), mode="r")
+    assert obs.shape[0] == 8  # not silently grown back with zeros
+
+
+def test_shard_arrays_are_opened_once(data: Path) -> None:
+    reader = open_dataset(data)
+    assert reader.shard_array("w0", "obs") is reader.shard_array("w0", "obs")
