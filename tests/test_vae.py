@@ -42,7 +42,7 @@ def test_shapes_and_dtypes_for_each_input_size(size: int, channels: int, decoder
     assert isinstance(out, VAEOutput)
     assert out.recon.shape == (2, channels, size, size)
     assert out.mu.shape == out.logvar.shape == out.z.shape == (2, 5)
-    assert all(t.dtype == torch.float32 for t in out)
+    assert all(t is not None and t.dtype == torch.float32 for t in out)
     assert 0.0 <= out.recon.min() and out.recon.max() <= 1.0
     assert model.encoder(x).shape == (2, model.feature_dim)
 
@@ -109,6 +109,24 @@ def test_loss_scaling_is_sum_over_pixels_mean_over_batch() -> None:
     terms = vae_loss(_out(mu, torch.zeros(2, 3), recon), x, beta=2.0)
     assert terms.kl_per_dim.tolist() == pytest.approx([0.5, 1.0, 0.0])
     assert terms.loss.item() == pytest.approx(12.0 + 2.0 * 1.5)
+
+
+def test_bce_recovers_saturated_pixels_through_the_logits() -> None:
+    model = ConvVAE(image_size=8, channels=1, latent_dim=2, widths=(4,))
+    last = model.decoder[-1]
+    assert isinstance(last, torch.nn.ConvTranspose2d) and last.bias is not None
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(30.0)  # every pixel saturated white: sigmoid(30) == 1.0 in float32
+    x = torch.zeros(2, 1, 8, 8)  # ... where the frame is black
+    out = model.eval()(x)
+    assert out.recon.eq(1.0).all() and out.logits is not None
+    terms = vae_loss(out, x, recon_loss="bce")
+    assert terms.recon.item() == pytest.approx(64 * 30.0, rel=1e-4)  # softplus(30), not clamped
+    terms.loss.backward()
+    assert last.bias.grad is not None
+    # d/dlogit of BCE = sigmoid(logit) - x = 1 per pixel: a full-size gradient, not zero
+    assert last.bias.grad.item() == pytest.approx(64.0, rel=1e-4)
 
 
 def test_kl_below_tolerance_is_a_constant_without_gradient() -> None:
@@ -227,3 +245,23 @@ def test_weights_hash_changes_with_the_weights() -> None:
     torch.manual_seed(1)
     c = LoadedVAE(build_vae(cfg.vae, cfg.env), cfg)
     assert a.weights_hash == b.weights_hash != c.weights_hash
+
+
+def test_weights_hash_is_computed_on_first_use_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worldmodel import vae as vae_module
+
+    calls: list[int] = []
+    real = vae_module.state_dict_hash
+
+    def counted(model: torch.nn.Module) -> str:
+        calls.append(1)
+        return real(model)
+
+    monkeypatch.setattr(vae_module, "state_dict_hash", counted)
+    cfg = resolve_config(None, ["env.image_size=16", "vae.widths=[4]", "vae.latent_dim=2"])
+    model = build_vae(cfg.vae, cfg.env)
+    loaded = LoadedVAE(model, cfg)
+    loaded.encode(np.zeros((1, 16, 16, 3), np.uint8))
+    assert calls == []  # building one (every validation does) hashes nothing
+    assert loaded.weights_hash == loaded.weights_hash == real(model)
+    assert calls == [1]

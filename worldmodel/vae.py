@@ -16,9 +16,12 @@ Loss (:func:`vae_loss`), per frame, then averaged over the batch:
 
 * reconstruction: the SUM over all ``C * H * W`` pixel values of the squared error (``mse``)
   or of the binary cross-entropy (``bce``), i.e. a Gaussian / Bernoulli log-likelihood up to
-  constants, as in World Models. Summing (not averaging) over pixels keeps the pixel term on the
-  scale of the KL term (nats), so ``beta = 1`` is a real ELBO; a per-pixel mean would divide the
-  reconstruction by 12,288 at 64x64x3 and let the KL term switch every latent off.
+  constants, as in World Models. ``bce`` is computed from the decoder's logits
+  (``binary_cross_entropy_with_logits``): on sigmoid outputs a saturated pixel (``sigmoid``
+  rounds to exactly 0 or 1) has a clamped loss and no gradient, and could never recover.
+  Summing (not averaging) over pixels keeps the pixel term on the scale of the KL term (nats),
+  so ``beta = 1`` is a real ELBO; a per-pixel mean would divide the reconstruction by 12,288
+  at 64x64x3 and let the KL term switch every latent off.
 * KL: ``KL_j = -0.5 * (1 + logvar_j - mu_j^2 - exp(logvar_j))`` per latent dimension ``j``,
   averaged over the batch, giving a ``(Z,)`` vector. Free bits: each dimension's batch-mean KL
   is clamped below at ``kl_tolerance`` nats, ``sum_j max(KL_j, kl_tolerance)``, so a dimension
@@ -38,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Sequence
@@ -78,12 +82,15 @@ class VAEOutput(NamedTuple):
     :param mu: ``(B, Z)`` float32, posterior mean.
     :param logvar: ``(B, Z)`` float32, posterior log-variance.
     :param z: ``(B, Z)`` float32, a reparameterised sample (``mu`` itself in eval mode).
+    :param logits: ``(B, C, H, W)`` float32, the decoder output before the sigmoid
+        (``recon = sigmoid(logits)``); ``None`` when the output was built without it.
     """
 
     recon: Tensor
     mu: Tensor
     logvar: Tensor
     z: Tensor
+    logits: Tensor | None = None
 
 
 class LossTerms(NamedTuple):
@@ -262,7 +269,8 @@ class ConvVAE(nn.Module):
         """
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        return VAEOutput(self.decode(z), mu, logvar, z)
+        logits = self.decode_logits(z)
+        return VAEOutput(torch.sigmoid(logits), mu, logvar, z, logits)
 
 
 def vae_loss(
@@ -278,11 +286,13 @@ def vae_loss(
     :param x: ``(B, C, H, W)`` float32 targets in ``[0, 1]``.
     :param beta: weight of the (clamped) KL term.
     :param kl_tolerance: free nats per latent dimension (batch-mean KL clamped below it).
-    :param recon_loss: ``mse`` (squared error) or ``bce`` (binary cross-entropy), summed over
-        pixels.
+    :param recon_loss: ``mse`` (squared error) or ``bce`` (binary cross-entropy, from
+        ``out.logits`` when present), summed over pixels.
     """
     if recon_loss == "mse":
         per_pixel = (out.recon - x).square()
+    elif out.logits is not None:
+        per_pixel = F.binary_cross_entropy_with_logits(out.logits, x, reduction="none")
     else:
         per_pixel = F.binary_cross_entropy(out.recon, x, reduction="none")
     recon = per_pixel.flatten(1).sum(1).mean()
@@ -349,7 +359,14 @@ class LoadedVAE:
         self.image_shape: tuple[int, int, int] = (model.image_size, model.image_size,
                                                    model.channels)
         self.latent_dim: int = model.latent_dim
-        self.weights_hash: str = state_dict_hash(model)
+
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        """sha256 of the weights (:func:`state_dict_hash`), computed once, on first use.
+
+        Hashing every weight costs time, and most users (validation, image grids) never ask.
+        """
+        return state_dict_hash(self.model)
 
     @property
     def device(self) -> torch.device:
