@@ -30,6 +30,20 @@ def test_linear_probe_recovers_a_linear_state_and_scores_noise_near_zero() -> No
     assert -0.2 < r2["mean"] < 0.1
 
 
+def test_a_constant_state_component_is_left_out_of_the_mean() -> None:
+    rng = np.random.default_rng(0)
+    state = np.c_[rng.uniform(size=(400, 2)), np.full(400, 0.5)]  # component 2: constant
+    features = state[:, :2] @ rng.normal(size=(2, 5))
+    state[:300, 2] = rng.uniform(size=300)  # varies in training, constant on held-out frames
+    r2 = linear_probe_r2(features[:300], state[:300], features[300:], state[300:])
+    assert r2["constant"] == [2]
+    assert r2["per_dim"][2] == 0.0  # sklearn: constant target not predicted exactly
+    assert r2["per_dim"][:2] == pytest.approx([1.0, 1.0], abs=1e-3)
+    assert r2["mean"] == pytest.approx(1.0, abs=1e-3)  # not (1 + 1 + 0) / 3
+    flat = linear_probe_r2(features[:300], state[:300, 2:], features[300:], state[300:, 2:])
+    assert flat["constant"] == [0] and np.isnan(flat["mean"])
+
+
 def test_knn_mse_is_zero_for_the_state_itself_and_large_for_shuffled_features() -> None:
     rng = np.random.default_rng(0)
     state = rng.uniform(size=(300, 2))

@@ -6,7 +6,8 @@ two metrics from the state-representation literature (S-RL Toolbox, Raffin et al
 * **linear probe R^2**: a ridge regression from latents to the true state, fitted on frames of
   the training episodes and scored (R^2 per state component and their mean) on frames of
   held-out episodes. 1 = the state is a linear function of the latent; 0 = no better than
-  predicting the mean state.
+  predicting the mean state. A component that is constant on the held-out frames has no R^2
+  (no variance to explain) and is left out of the mean.
 * **KNN-MSE**: for each held-out frame, the mean squared distance in true state between it and
   its ``k`` nearest neighbours in latent space (Euclidean), averaged over frames. Low = frames
   that the representation puts together really are in similar states.
@@ -112,8 +113,11 @@ def linear_probe_r2(
     :param test_x: ``(M, D)`` features of held-out frames.
     :param test_state: ``(M, S)`` their true states.
     :param alpha: ridge penalty.
-    :return: ``{"per_dim": [S floats], "mean": float}``; a state component that is constant
-        on the held-out frames scores 0 when predicted exactly, else a negative number.
+    :return: ``{"per_dim": [S floats], "mean": float, "constant": [indices]}``. A state
+        component that is constant on the held-out frames has no variance to explain:
+        scikit-learn scores it 1.0 when predicted exactly and 0.0 otherwise, which says
+        nothing about the features, so such components are listed in ``constant`` and left
+        out of ``mean`` (NaN when every component is constant).
     """
     from sklearn.linear_model import Ridge
     from sklearn.metrics import r2_score
@@ -124,7 +128,12 @@ def linear_probe_r2(
     probe.fit(np.asarray(train_x, np.float64), np.asarray(train_state, np.float64))
     pred = probe.predict(np.asarray(test_x, np.float64))
     per_dim = np.atleast_1d(r2_score(test_state, pred, multioutput="raw_values"))
-    return {"per_dim": [float(v) for v in per_dim], "mean": float(per_dim.mean())}
+    target = np.asarray(test_state).reshape(len(pred), -1)
+    constant = np.all(target == target[:1], axis=0)
+    varied = per_dim[~constant]
+    return {"per_dim": [float(v) for v in per_dim],
+            "mean": float(varied.mean()) if varied.size else float("nan"),
+            "constant": [int(j) for j in np.flatnonzero(constant)]}
 
 
 def knn_mse(features: np.ndarray, state: np.ndarray, k: int = 5) -> float:
@@ -186,7 +195,7 @@ def representation_metrics(
     :param baseline: a previous result's ``"random_projection"`` entry, reused as is (it does
         not change while the encoder trains); computed when ``None``.
     :param seed: seed of the random projection.
-    :return: ``{"probe_r2": {"per_dim", "mean"}, "knn_mse": float, "random_projection":
+    :return: ``{"probe_r2": {"per_dim", "mean", "constant"}, "knn_mse": float, "random_projection":
         {"probe_r2": ..., "knn_mse": ...}, "frames": {"train": N, "test": M}}``.
     """
     z_train, z_test = encode(train.frames), encode(test.frames)
