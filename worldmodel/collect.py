@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from envs import EnvConfig, make_env
+from worldmodel.config import flatten_dotted
 from worldmodel.dataset import (
     FORMAT,
     FORMAT_VERSION,
@@ -824,17 +825,6 @@ def _settings(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def _versions() -> dict[str, str]:
     import gymnasium
     import numcodecs
@@ -873,7 +863,7 @@ def _prepare_manifest(cfg: Config, loc: Location, workers: int) -> dict[str, Any
     target = {"episodes": cfg.collect.episodes, "frames": cfg.collect.frames}
     if loc.exists(MANIFEST):
         manifest = read_manifest(loc)
-        old, new = _flatten(manifest.get("settings", {})), _flatten(settings)
+        old, new = flatten_dotted(manifest.get("settings", {})), flatten_dotted(settings)
         diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} in the dataset, {new.get(k)!r} now"

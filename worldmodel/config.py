@@ -327,6 +327,25 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return out
 
 
+def flatten_dotted(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``dotted.key -> value`` (the keys :func:`apply_overrides` takes).
+
+    An empty mapping stays a value, so ``{}`` and a missing key compare unequal.
+
+    Example:
+        >>> flatten_dotted({"seed": 0, "env": {"id": "X", "kwargs": {}}})
+        {'seed': 0, 'env.id': 'X', 'env.kwargs': {}}
+    """
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_dotted(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
 def _valid_keys(model: type[Section], loc: tuple[str | int, ...]) -> list[str]:
     """The field names of the (sub)model that ``loc`` points into."""
     current: Any = model
