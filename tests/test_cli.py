@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from worldmodel.cli import main
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -46,3 +48,16 @@ def test_user_mistakes_exit_2_with_one_line(args: tuple[str, ...], expected: str
     assert len(lines) == 1, result.stderr
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [("train-vae", "--data", "DATA"), ("train-agent",)])
+def test_resume_without_out_is_refused(
+    args: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a run started by mistake would land in ./runs
+    assert main(["-q", *args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"worldmodel {args[0]}: error: --resume needs --out RUN, the "
+                   f"{'VAE' if args[0] == 'train-vae' else 'agent'} run folder to continue"]
+    assert not (tmp_path / "runs").exists()

@@ -150,6 +150,12 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
     steps = [r["step"] for r in read_jsonl(resumed / "metrics.jsonl") if "vae/loss" in r]
     assert steps == sorted(set(steps))  # the interrupted session's extra records were dropped
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(resumed))
+    events.Reload()  # the checkpoint's own validation (step 8) is kept, the lost step 10 is not
+    assert [e.step for e in events.Scalars("val/loss")] == [4, 8, 12, 14]
+    assert [e.step for e in events.Scalars("vae/loss")] == [2, 4, 6, 8, 10, 12, 14]
 
     # Resuming a finished run trains nothing more; extending it continues.
     train_vae.run(cfg, dataset, tmp_path / "cut", resume=True)
@@ -164,6 +170,66 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(dataset: Path, tmp_path: Pa
         train_vae.run(_cfg("vae.steps=4"), dataset, out)
     with pytest.raises(UserError, match=r"other settings \(vae.lr: 0.001 -> 0.01\)"):
         train_vae.run(_cfg("vae.steps=4", "vae.lr=0.01"), dataset, out, resume=True)
+    # the buffer size decides the batch order: a resume must keep it
+    with pytest.raises(UserError, match=r"data.cache_bytes: 536870912 -> 2097152"):
+        train_vae.run(_cfg("vae.steps=8", "data.cache_bytes=2097152"), dataset, out, resume=True)
+
+
+def test_resume_refuses_a_dataset_whose_validation_episodes_changed(
+    dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from worldmodel import collect
+
+    out = train_vae.run(_cfg("vae.steps=4"), dataset, tmp_path / "run")
+    grown = tmp_path / "grown"
+    shutil.copytree(dataset, grown)
+    collect.run(resolve_config(grown / "config.yaml", ["collect.episodes=10"]), grown)
+    with pytest.raises(UserError, match=r"validation episodes differ .* gained or lost"):
+        train_vae.run(_cfg("vae.steps=8"), grown, out, resume=True)
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+    train_vae.run(_cfg("vae.steps=8"), dataset, out, resume=True)  # its own dataset: fine
+    from worldmodel.data import split_episodes
+
+    assert load_checkpoint(out / "last.pt")["val_episodes"] == split_episodes(range(8), 0.25, 0)[1]
+
+
+def test_resume_without_a_checkpoint_is_an_error(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"nothing to resume: .* has no last.pt"):
+        train_vae.run(_cfg("vae.steps=4"), dataset, tmp_path / "run", resume=True)
+    # What a kill between best.pt and the first last.pt leaves: a fresh run starts over.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"partial")
+    out = train_vae.run(_cfg("vae.steps=4"), dataset, tmp_path / "run")
+    assert load_checkpoint(out / "best.pt")["step"] == 4
+
+
+def test_best_is_written_before_last(dataset: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[tuple[str, int]] = []
+    real = train_vae.save_checkpoint
+
+    def save(path: Path, data: dict[str, Any]) -> None:
+        written.append((path.name, data["step"]))
+        real(path, data)
+
+    monkeypatch.setattr(train_vae, "save_checkpoint", save)
+    train_vae.run(_cfg("vae.steps=4", "vae.val_every=2", "vae.lr=3e-3"), dataset,
+                  tmp_path / "run")
+    assert written[:2] == [("best.pt", 2), ("last.pt", 2)]  # the first validation improves
+    for i, (name, step) in enumerate(written):
+        if name == "best.pt":
+            assert written[i + 1] == ("last.pt", step)
+
+
+def test_images_follow_image_every_not_log_every(dataset: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train_vae.run(_cfg("vae.steps=6", "vae.image_every=3"), dataset, tmp_path / "run")
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Images("vae/reconstructions")] == [3, 6]  # log_every=2
 
 
 def test_epochs_set_the_number_of_steps(dataset: Path, tmp_path: Path) -> None:
@@ -183,8 +249,9 @@ def test_dataset_that_does_not_fit_the_config(dataset: Path, tmp_path: Path) -> 
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.parametrize("log_every", [2, 4])
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
-    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_every: int
 ) -> None:
     real_loss = train_vae.vae_loss
     calls = {"n": 0}
@@ -199,7 +266,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(train_vae, "vae_loss", poisoned)
     with pytest.raises(UserError, match=r"NaN/inf at step 5; .* last good checkpoint is") as info:
-        train_vae.run(_cfg(), dataset, tmp_path / "run")
+        # log_every=4: the NaN of step 5 is found at step 8's log line, before its checkpoint
+        train_vae.run(_cfg(f"vae.log_every={log_every}"), dataset, tmp_path / "run")
     assert info.value.exit_code == 1 and "\n" not in str(info.value)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4
 

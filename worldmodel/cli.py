@@ -55,6 +55,12 @@ def _dataset(location: str) -> Any:
     return location if "://" in location else Path(location)
 
 
+def _resume_out(args: argparse.Namespace, what: str) -> None:
+    """``--resume`` continues a named run: without ``--out`` it would start a new folder."""
+    if args.resume and not args.out:
+        raise UserError(f"--resume needs --out RUN, the {what} run folder to continue")
+
+
 def _done(path: Path, what: str) -> int:
     log.info("%s: %s", what, path)
     print(path)
@@ -79,6 +85,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_vae(args: argparse.Namespace) -> int:
+    _resume_out(args, "VAE")
     cfg = _config(args)
     out = _stage("worldmodel.train_vae", 5).run(
         cfg, _dataset(args.data), _out(args, cfg, "vae"), resume=args.resume
@@ -87,6 +94,7 @@ def _cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_agent(args: argparse.Namespace) -> int:
+    _resume_out(args, "agent")
     cfg = _config(args, builds_env=True)
     vae = Path(args.vae) if args.vae else None
     out = _stage("agents.train", 6).run(

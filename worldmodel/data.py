@@ -15,6 +15,10 @@ trains and a resumed trainer sees the same data order:
 3. The whole order is index arithmetic known before any data is read, so
    ``batches(epoch, start)`` skips the first ``start`` batches without decompressing them.
 
+The order is a function of ``seed``, ``epoch``, ``cache_bytes`` (which blocks share a buffer)
+and the split's episodes (a dataset that gains episodes changes the split, see
+:func:`split_episodes`, and the blocks); a resumed trainer must keep all of them.
+
 Train and validation sets are split by episode (:func:`split_episodes`), never by frame.
 """
 
@@ -312,7 +316,9 @@ class FrameDataset:
     def batches(self, epoch: int, start: int = 0) -> Iterator[np.ndarray]:
         """Epoch ``epoch``'s batches, uint8 ``(B, H, W, C)``, from batch index ``start`` on.
 
-        The order depends only on ``(seed, epoch)``, so a resumed trainer sees the same data.
+        The order depends on ``(seed, epoch)``, on ``cache_bytes`` (buffers hold
+        ``cache_bytes // 2``) and on the split's episodes: a resumed trainer with the same
+        dataset and settings sees the same data (``workers`` does not change it).
         """
         return self._stream.batches(epoch, start)
 
@@ -453,7 +459,7 @@ class SequenceDataset:
         return self._stream.num_batches
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[SequenceBatch]:
-        """Epoch ``epoch``'s batches from index ``start`` on; the order depends on (seed, epoch)."""
+        """Epoch ``epoch``'s batches from index ``start`` on (order: as :class:`FrameDataset`)."""
         return self._stream.batches(epoch, start)
 
     def __iter__(self) -> Iterator[SequenceBatch]:

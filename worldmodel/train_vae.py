@@ -10,10 +10,14 @@ The run folder explains itself::
     RUN/summary.json     final validation metrics, representation metrics, speed, warnings
 
 Checkpoints are written at every validation (``vae.val_every`` steps and the last step), each
-atomically. A checkpoint holds everything the loop depends on: weights, Adam state, the step,
-and the torch RNG state (the only generator the loop draws from, for ``z`` samples). The data
-order is a function of ``(seed, epoch)`` (``FrameDataset.batches``), and ``step`` fixes the
-epoch and the batch within it, so ``--resume`` continues exactly where ``last.pt`` left off.
+atomically, ``best.pt`` (when the loss improved) before ``last.pt``, so that the best step
+``last.pt`` records is always on disk. A checkpoint holds everything the loop depends on:
+weights, Adam state, the step, the torch RNG state (the only generator the loop draws from, for
+``z`` samples) and the validation episode ids. The data order is a function of ``seed``, the
+epoch, ``data.cache_bytes`` and the dataset's episodes (``FrameDataset.batches``), and ``step``
+fixes the epoch and the batch within it. ``--resume`` refuses other settings that decide it
+(:data:`RUN_SECTIONS`) and another validation set (a dataset that gained or lost episodes),
+so it continues exactly where ``last.pt`` left off.
 
 Validation runs the model in eval mode (``z = mu``) on ``vae.val_frames`` frames sampled
 (seeded, once) from the held-out episodes; ``val/loss`` is the training loss with that
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from worldmodel.config import Config, load_run_config
+from worldmodel.config import Config, flatten_dotted, load_run_config
 from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, atomic_write_json, read_jsonl
 from worldmodel.utils import progress_enabled, resolve_device, seed_everything
@@ -65,15 +69,13 @@ log = logging.getLogger("worldmodel")
 ACTIVE_KL_NATS = 0.01
 #: Validation MSE above this fraction of the mean-image MSE counts as "stuck at the mean image".
 MEAN_IMAGE_RATIO = 0.8
-#: Files of a run folder; a fresh run refuses a folder holding the checkpoints.
-CHECKPOINTS = ("last.pt", "best.pt")
-#: Settings that may change between a run and its --resume (everything else must match).
+#: Settings of RUN_SECTIONS that may change between a run and its --resume (the rest must match).
 RESUMABLE_CHANGES = frozenset({
     "vae.steps", "vae.epochs", "vae.val_every", "vae.probe_frames",
     "vae.knn_k", "vae.log_every", "vae.image_every", "vae.device",
 })
-#: Config sections that decide what a VAE run computes.
-RUN_SECTIONS = ("seed", "env", "vae", "data.val_fraction")
+#: Config keys (and sections) that decide what a VAE run computes, its split and data order.
+RUN_SECTIONS = ("seed", "env.", "vae.", "data.val_fraction", "data.cache_bytes")
 IMAGES_IN_GRID = 8
 
 
@@ -89,26 +91,39 @@ class Progress:
 
 
 class Window:
-    """Sums of the training terms since the last log line (kept as tensors: no sync per step)."""
+    """The training terms since the last log line, kept as tensors: no device sync per step.
 
-    def __init__(self) -> None:
-        self.steps = 0
-        self.sums: torch.Tensor | None = None  # loss, recon, kl
+    :param first_step: the step counter (:attr:`Progress.step`) before the window's first step.
+    """
+
+    def __init__(self, first_step: int = 0) -> None:
+        self.first_step = first_step
+        self.rows: list[torch.Tensor] = []  # per step: (3,) loss, recon, kl
         self.kl_per_dim: torch.Tensor | None = None
 
+    @property
+    def steps(self) -> int:
+        """Steps in the window."""
+        return len(self.rows)
+
     def add(self, terms: LossTerms) -> None:
-        """Accumulate one step's terms."""
-        self.steps += 1
-        sums = torch.stack([terms.loss, terms.recon, terms.kl]).detach()
+        """Keep one step's terms."""
+        self.rows.append(torch.stack([terms.loss, terms.recon, terms.kl]).detach())
         kl = terms.kl_per_dim.detach()
-        self.sums = sums if self.sums is None else self.sums + sums
         self.kl_per_dim = kl if self.kl_per_dim is None else self.kl_per_dim + kl
+
+    def first_nonfinite(self) -> int | None:
+        """The step counter before the first step whose loss was NaN/inf, or ``None``."""
+        if not self.rows:
+            return None
+        bad = torch.nonzero(~torch.isfinite(torch.stack(self.rows)[:, 0]))
+        return None if len(bad) == 0 else self.first_step + int(bad[0, 0])
 
     def means(self) -> tuple[dict[str, float], np.ndarray]:
         """The window's mean scalars and mean KL per latent dimension ``(Z,)``."""
-        if self.sums is None or self.kl_per_dim is None:
+        if not self.rows or self.kl_per_dim is None:
             return {}, np.zeros(0)
-        loss, recon, kl = (self.sums / self.steps).tolist()
+        loss, recon, kl = torch.stack(self.rows).mean(0).tolist()
         kl_dims = (self.kl_per_dim / self.steps).cpu().numpy()
         return {
             "vae/loss": loss, "vae/recon": recon, "vae/kl": kl,
@@ -121,7 +136,8 @@ class RunLog:
 
     :param out: the run folder.
     :param purge_step: on resume, the checkpoint's step: later records (of the interrupted
-        session) are dropped from both logs so that they are not shown twice.
+        session) are dropped from both logs so that they are not shown twice; the records of
+        the checkpoint's step itself (its validation) stay.
     """
 
     def __init__(self, out: Path, purge_step: int | None = None) -> None:
@@ -133,7 +149,10 @@ class RunLog:
 
             keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= purge_step]
             atomic_write_text(self.path, "".join(_json_line(r) for r in keep))
-        self.writer: SummaryWriter = SummaryWriter(str(out), purge_step=purge_step)
+        # TensorBoard hides the events at steps >= its purge_step: keep the checkpoint's own.
+        self.writer: SummaryWriter = SummaryWriter(
+            str(out), purge_step=None if purge_step is None else purge_step + 1
+        )
 
     def record(self, step: int, values: dict[str, Any]) -> None:
         """Scalars (and lists, jsonl only) at ``step``."""
@@ -187,56 +206,77 @@ def check_dataset(reader: DatasetReader, cfg: Config, data: Path) -> None:
                         data, ", ".join(f"{k}={stored[k]!r}" for k in differ))
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and name in ("env", "vae", "data"):
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def resume_mismatches(old: Config, new: Config) -> list[str]:
     """Settings that differ between a run's saved config and the one resuming it."""
-    a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
-    keys = [k for k in a if k.startswith(RUN_SECTIONS) and k not in RESUMABLE_CHANGES]
-    return [f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in keys if a[k] != b.get(k)]
+    a = flatten_dotted(old.model_dump(mode="json"))
+    b = flatten_dotted(new.model_dump(mode="json"))
+    keys = [k for k in sorted(set(a) | set(b))
+            if k.startswith(RUN_SECTIONS) and k not in RESUMABLE_CHANGES]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> dict[str, Any] | None:
+def prepare_run_dir(
+    out: Path, cfg: Config, resume: bool, val_episodes: list[int] | None = None
+) -> dict[str, Any] | None:
     """Create or reopen the run folder; the checkpoint to resume from, or ``None``.
 
-    :raise UserError: a fresh run into a folder with checkpoints, or a resume with other
-        settings than the run was started with.
+    ``last.pt`` marks a run that can be resumed. A ``best.pt`` without it is what an attempt
+    killed while writing its first checkpoint leaves (``best.pt`` is written first): a fresh
+    run replaces it.
+
+    :param val_episodes: the validation episode ids of this session; a resume refuses a
+        checkpoint that recorded other ones.
+    :raise UserError: a fresh run into a folder with a run, a resume without ``last.pt``, or a
+        resume with other settings or validation episodes than the run was started with.
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run")
-    has_checkpoint = any((out / name).exists() for name in CHECKPOINTS)
-    if has_checkpoint and not resume:
+    last = out / "last.pt"
+    if last.exists() and not resume:
         raise UserError(
             f"{out} already holds a VAE run (last.pt/best.pt); pass --resume to continue it or "
             "pick another --out"
         )
+    if resume and not last.exists():
+        raise UserError(f"nothing to resume: {out} has no last.pt; drop --resume to start a "
+                        "fresh run there")
     checkpoint = None
-    if resume and (out / "last.pt").exists():
+    if resume:
         differ = resume_mismatches(load_run_config(out), cfg)
         if differ:
             raise UserError(
                 f"cannot resume {out} with other settings ({'; '.join(differ)}); only "
                 "vae.steps/epochs and logging settings may change"
             )
-        checkpoint = load_checkpoint(out / "last.pt")
+        checkpoint = load_checkpoint(last)
+        _check_val_episodes(out, checkpoint, val_episodes)
         log.info("resuming %s from step %d", out, checkpoint["step"])
-    elif resume:
-        log.info("%s has no last.pt: starting a fresh run", out)
-    if checkpoint is None:  # a fresh start: drop the logs of an attempt that never checkpointed
-        for stale in ("metrics.jsonl", "summary.json", *(p.name for p in out.glob("events.*"))):
+    else:  # a fresh start: drop what an attempt that never wrote last.pt left
+        if (out / "best.pt").exists():
+            log.info("%s: best.pt without last.pt (an attempt killed in its first checkpoint) "
+                     "is replaced by this fresh run", out)
+        for stale in ("metrics.jsonl", "summary.json", "best.pt",
+                      *(p.name for p in out.glob("events.*"))):
             (out / stale).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
     return checkpoint
+
+
+def _check_val_episodes(out: Path, checkpoint: dict[str, Any],
+                        val_episodes: list[int] | None) -> None:
+    """Refuse to resume a run whose validation episodes are not this dataset's split."""
+    saved = checkpoint.get("val_episodes")
+    if saved is None or val_episodes is None or list(saved) == list(val_episodes):
+        return  # (checkpoints of older versions did not record them)
+    gone = sorted(set(saved) - set(val_episodes))
+    new = sorted(set(val_episodes) - set(saved))
+    raise UserError(
+        f"cannot resume {out}: its validation episodes differ from this dataset's split "
+        f"({len(gone)} of the run's {len(saved)} are gone, {len(new)} are new; the dataset "
+        "gained or lost episodes), so its losses and data order would not continue; resume "
+        "with the dataset the run started on, or start a new run"
+    )
 
 
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:
@@ -438,9 +478,20 @@ def _repr_scalars(result: dict[str, Any]) -> dict[str, float]:
         "repr/random_probe_r2": rand["probe_r2"]["mean"],
         "repr/random_knn_mse": rand["knn_mse"],
     }
-    for name, value in zip(names, result["probe_r2"]["per_dim"], strict=True):
-        out[f"repr/probe_r2_{name}"] = value
+    constant = set(result["probe_r2"].get("constant", []))
+    for j, (name, value) in enumerate(zip(names, result["probe_r2"]["per_dim"], strict=True)):
+        if j not in constant:  # no variance to explain: no R^2 (see linear_probe_r2)
+            out[f"repr/probe_r2_{name}"] = value
     return out
+
+
+def _constant_state_warning(result: dict[str, Any] | None) -> list[str]:
+    """Say which state components the mean probe R^2 leaves out (constant on held-out frames)."""
+    if result is None or not result["probe_r2"].get("constant"):
+        return []
+    names = ", ".join(result["state_names"][j] for j in result["probe_r2"]["constant"])
+    return [f"state component(s) {names} are constant on the held-out probe frames: their R^2 "
+            "means nothing and they are left out of the mean probe R^2"]
 
 
 def image_grid(model: ConvVAE, cfg: Config, frames: np.ndarray) -> np.ndarray:
@@ -452,20 +503,21 @@ def image_grid(model: ConvVAE, cfg: Config, frames: np.ndarray) -> np.ndarray:
 
 
 def checkpoint_state(model: ConvVAE, opt: torch.optim.Optimizer, prog: Progress,
-                     cfg: Config, batches_per_epoch: int, train_frames: int) -> dict[str, Any]:
-    """Everything ``--resume`` needs, as plain tensors and numbers (``weights_only``-loadable)."""
-    epoch, batch = divmod(prog.step, batches_per_epoch)
+                     train_frames: int, val_episodes: list[int]) -> dict[str, Any]:
+    """Everything ``--resume`` needs, as plain tensors and numbers (``weights_only``-loadable).
+
+    :param train_frames: frames of the training split (a resume warns when they changed).
+    :param val_episodes: the validation episode ids (a resume refuses other ones).
+    """
     return {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "progress": asdict(prog),
         "step": prog.step,
-        "epoch": epoch,
-        "batch_in_epoch": batch,
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "config_digest": cfg.digest("seed", "env", "vae"),
         "train_frames": train_frames,
+        "val_episodes": [int(i) for i in val_episodes],
     }
 
 
@@ -515,6 +567,7 @@ class Session:
     prog: Progress
     total: int
     warnings: list[str]
+    val_episodes: list[int]
     last_val: dict[str, float] = field(default_factory=dict)
     last_kl: np.ndarray = field(default_factory=lambda: np.zeros(0))
     last_repr: dict[str, Any] | None = None
@@ -543,18 +596,18 @@ def evaluate_and_checkpoint(s: Session) -> None:
     if improved:
         s.prog.best_val_loss, s.prog.best_step = val["val/loss"], s.prog.step
     s.update_wall()
-    state = checkpoint_state(s.model, s.opt, s.prog, s.cfg, len(s.train), s.train.num_frames)
-    save_checkpoint(s.out / "last.pt", state)
-    if improved:
+    state = checkpoint_state(s.model, s.opt, s.prog, s.train.num_frames, s.val_episodes)
+    if improved:  # first: last.pt must never name a best step that best.pt does not hold
         save_checkpoint(s.out / "best.pt", state)
+    save_checkpoint(s.out / "last.pt", state)
 
 
-def _nan_error(s: Session, what: str) -> UserError:
+def _nan_error(s: Session, what: str, step: int | None = None) -> UserError:
     last = s.out / "last.pt"
     kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
     return UserError(
-        f"{what} became NaN/inf at step {s.prog.step}; training stopped and {kept}; lower "
-        f"vae.lr (now {s.cfg.vae.lr:g})", exit_code=1,
+        f"{what} became NaN/inf at step {s.prog.step if step is None else step}; training "
+        f"stopped and {kept}; lower vae.lr (now {s.cfg.vae.lr:g})", exit_code=1,
     )
 
 
@@ -563,7 +616,7 @@ def train_loop(s: Session) -> None:
     from tqdm import tqdm
 
     v, model, opt = s.cfg.vae, s.model, s.opt
-    window = Window()
+    window = Window(s.prog.step)
     batch_bytes = v.batch_size * int(np.prod(s.train.frame_shape))
     batches = Prefetch(batch_stream(s.train, s.prog.step), prefetch_depth(batch_bytes))
     model.train()
@@ -576,32 +629,42 @@ def train_loop(s: Session) -> None:
             x = frames_to_tensor(next(batches), s.device)
             terms = vae_loss(model(x), x, kl_weight(s.cfg, s.prog.step), v.kl_tolerance,
                              v.recon_loss)
-            if not math.isfinite(terms.loss.item()):
-                raise _nan_error(s, "the training loss")
             opt.zero_grad(set_to_none=True)
             terms.loss.backward()
             opt.step()
             s.prog.step += 1
-            window.add(terms)
+            window.add(terms)  # NaN/inf is looked for at the log line, before any checkpoint
             bar.update()
 
             step = s.prog.step
-            if step % v.log_every == 0 or step % v.val_every == 0 or step == s.total:
+            validate_now = step % v.val_every == 0 or step == s.total
+            log_now = validate_now or step % v.log_every == 0
+            image_now = step % v.image_every == 0
+            if log_now or image_now:
                 s.prog.train_seconds += time.perf_counter() - tick
+            if log_now:
                 scalars = log_window(s, window)
-                window = Window()
+                window = Window(step)
                 bar.set_postfix(loss=f"{scalars['vae/loss']:.1f}", kl=f"{scalars['vae/kl']:.1f}")
-                if step % v.image_every == 0:
-                    grid = image_grid(model, s.cfg, s.held.frames[:IMAGES_IN_GRID])
-                    s.logger.image(step, "vae/reconstructions", grid)
-                if step % v.val_every == 0 or step == s.total:
-                    evaluate_and_checkpoint(s)
+            if image_now:
+                grid = image_grid(model, s.cfg, s.held.frames[:IMAGES_IN_GRID])
+                s.logger.image(step, "vae/reconstructions", grid)
+            if validate_now:
+                evaluate_and_checkpoint(s)
+            if log_now or image_now:
                 tick = time.perf_counter()  # logging and validation are not training time
 
 
 def log_window(s: Session, window: Window) -> dict[str, float]:
-    """Log the mean training terms since the last log line; return the scalars."""
+    """Log the mean training terms since the last log line; return the scalars.
+
+    :raise UserError: a step of the window had a NaN/inf loss (then no checkpoint is written
+        after it: every validation comes right after a log line).
+    """
     step = s.prog.step
+    bad = window.first_nonfinite()
+    if bad is not None:
+        raise _nan_error(s, "the training loss", bad)
     scalars, kl = window.means()
     scalars["vae/kl_weight"] = kl_weight(s.cfg, step - 1)
     scalars["time/frames_per_second"] = (step * s.cfg.vae.batch_size
@@ -613,7 +676,8 @@ def log_window(s: Session, window: Window) -> dict[str, float]:
 
 def write_summary(s: Session, data: Path) -> dict[str, Any]:
     """``summary.json``: the final model's validation and representation metrics, speed."""
-    warnings = s.warnings + quality_warnings(s.last_val, s.held.mean_image_mse)
+    warnings = (s.warnings + quality_warnings(s.last_val, s.held.mean_image_mse)
+                + _constant_state_warning(s.last_repr))
     for w in warnings:
         log.warning("%s", w)
     v = s.cfg.vae
@@ -652,20 +716,21 @@ def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
     :param cfg: the run config (``env`` fixes the input shape, ``vae`` everything else).
     :param data: a dataset folder written by ``worldmodel collect``.
     :param out: the run folder (see the module docstring for its files).
-    :param resume: continue from ``out/last.pt`` (a fresh start when there is none).
+    :param resume: continue from ``out/last.pt`` (``UserError`` when there is none).
     :return: ``out``.
     """
-    from worldmodel.data import FrameDataset
+    from worldmodel.data import FrameDataset, split_episodes
     from worldmodel.dataset import open_dataset
 
     started = time.perf_counter()
     data, out = Path(data), Path(out)
     reader = open_dataset(data)
     check_dataset(reader, cfg, data)
-    checkpoint = prepare_run_dir(out, cfg, resume)
+    d = cfg.data
+    val_episodes = split_episodes(reader.episode_ids, d.val_fraction, cfg.seed)[1]
+    checkpoint = prepare_run_dir(out, cfg, resume, val_episodes)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.vae.device)
-    d = cfg.data
     train = FrameDataset(data, "train", batch_size=cfg.vae.batch_size, seed=cfg.seed,
                          val_fraction=d.val_fraction, cache_bytes=d.cache_bytes,
                          workers=d.loader_workers)
@@ -686,7 +751,7 @@ def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
              train.num_frames, len(train.episode_ids), total, cfg.vae.batch_size, device, out)
     logger = RunLog(out, purge_step=prog.step if checkpoint is not None else None)
     s = Session(cfg, out, model, opt, device, train, held, logger, prog, total, warnings,
-                started=started, wall_base=prog.wall_seconds)
+                val_episodes, started=started, wall_base=prog.wall_seconds)
     try:
         if prog.step < total:
             train_loop(s)
