@@ -352,3 +352,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     assert code == 2
     assert len(err) == 1 and err[0].startswith("worldmodel train-vae: error: ")
     assert message in err[0]
+
+
+def test_constant_state_components_are_named_and_not_logged() -> None:
+    result = {
+        "state_names": ["agent_x", "target_x"],
+        "probe_r2": {"per_dim": [0.9, 0.0], "mean": 0.9, "constant": [1]},
+        "knn_mse": 0.1,
+        "random_projection": {"probe_r2": {"per_dim": [0.1, 0.0], "mean": 0.1}, "knn_mse": 0.2},
+    }
+    scalars = train_vae._repr_scalars(result)
+    assert scalars["repr/probe_r2"] == 0.9 and "repr/probe_r2_agent_x" in scalars
+    assert "repr/probe_r2_target_x" not in scalars
+    (warning,) = train_vae._constant_state_warning(result)
+    assert "target_x" in warning and "left out of the mean probe R^2" in warning
+    assert train_vae._constant_state_warning(None) == []
