@@ -9,7 +9,14 @@ from __future__ import annotations
 import gymnasium as gym
 
 from envs.config import Crop, EnvConfig
-from envs.factory import UnknownEnvError, check_env_id, env_family, make_env, make_vec_env
+from envs.factory import (
+    EnvConfigError,
+    UnknownEnvError,
+    check_env_id,
+    env_family,
+    make_env,
+    make_vec_env,
+)
 
 if "worldmodel/Reach-v0" not in gym.registry:
     gym.register("worldmodel/Reach-v0", entry_point="envs.reach:ReachEnv", max_episode_steps=100)
@@ -17,6 +24,7 @@ if "worldmodel/Reach-v0" not in gym.registry:
 __all__ = [
     "Crop",
     "EnvConfig",
+    "EnvConfigError",
     "UnknownEnvError",
     "check_env_id",
     "env_family",

@@ -183,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="Agent run folder.")
     p.add_argument("--episodes", "-n", type=int, default=10)
     p.add_argument("--video", action="store_true", help="Write an MP4 of the agent playing.")
-    p.add_argument("--deterministic", action="store_true", help="Greedy actions.")
+    greedy = p.add_mutually_exclusive_group()
+    greedy.add_argument("--deterministic", dest="deterministic", action="store_true",
+                        default=None, help="Greedy actions (default: the run's "
+                        "agent.eval_deterministic, as in its periodic evaluations).")
+    greedy.add_argument("--stochastic", dest="deterministic", action="store_false",
+                        help="Sample actions from the policy.")
     p.add_argument("--seed", type=int, default=None, help="Eval seed (default: run seed + 1000).")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -201,7 +201,9 @@ class AgentConfig(Section):
         description="Parallel envs of the periodic evaluation (seeded apart from training).",
     )
     eval_deterministic: bool = Field(
-        True, description="Greedy actions in the periodic evaluations during training."
+        True,
+        description="Greedy actions when evaluating: the periodic evaluations during training "
+        "and, unless --deterministic/--stochastic says otherwise, `worldmodel evaluate`.",
     )
     vae_checkpoint: Literal["best", "last"] = Field(
         "best", description="Which checkpoint of the --vae run the latent modes use."
