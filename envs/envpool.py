@@ -42,6 +42,7 @@ from gymnasium.error import DependencyNotInstalled
 
 from envs.config import Crop, EnvConfig
 from envs.factory import DEFAULT_CROP, UnknownEnvError
+from envs.wrappers import EnvConfigError
 
 if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
@@ -135,6 +136,21 @@ def pool_seed(seed: int) -> int:
         (3, 3)
     """
     return int(seed) % 2**31
+
+
+#: Raw frame sizes ``(H, W)`` of the EnvPool families whose frames we crop ourselves.
+RAW_FRAME = {"carracing": (96, 96)}
+
+
+def _check_crop(crop: Crop, family: str) -> None:
+    """Raise :class:`EnvConfigError` when ``crop`` leaves nothing of the raw frame."""
+    if family not in RAW_FRAME:
+        return
+    h, w = RAW_FRAME[family]
+    if crop.top + crop.bottom >= h or crop.left + crop.right >= w:
+        raise EnvConfigError(
+            f"env.crop {crop.model_dump()} leaves nothing of the {h}x{w} frame; crop less"
+        )
 
 
 def _atari_kwargs(cfg: EnvConfig, user: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +307,7 @@ class EnvPoolBatch:
         self.render_mode = render_mode
         self.continuous = bool(cfg.kwargs.get("continuous", True))
         self.crop = cfg.crop if cfg.crop is not None else DEFAULT_CROP.get(self.family, Crop())
+        _check_crop(self.crop, self.family)
         self.observation_space = spaces.Box(0, 255, cfg.obs_shape, np.uint8)
         self.action_space = _action_space(self.task, self.family, self.kwargs, self.continuous)
         self._all = np.arange(self.num_envs, dtype=np.int32)

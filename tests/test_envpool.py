@@ -452,3 +452,12 @@ def test_pipeline_runs_on_envpool(tmp_path: Path) -> None:
     assert report.is_file()
     runs = json.loads((tmp_path / "pipe" / "data" / "manifest.json").read_text())["runs"]
     assert runs[0]["backend"] == "envpool"
+
+
+def test_crop_too_big_is_a_one_line_error() -> None:
+    pytest.importorskip("envpool", reason="needs the fast extra: pip install 'worldmodel[fast]'")
+    from envs import EnvConfigError, make_vec_env
+
+    cfg = EnvConfig(id="CarRacing-v3", backend="envpool", crop=Crop(top=50, bottom=50))
+    with pytest.raises(EnvConfigError, match=r"env\.crop .* leaves nothing of the 96x96 frame"):
+        make_vec_env(cfg, n_envs=1)
