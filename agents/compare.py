@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from worldmodel.config import CompareConfig, Config, load_run_config
+from worldmodel.config import CompareConfig, Config, flatten_dotted, load_run_config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
@@ -126,18 +126,10 @@ def load_agent_run(path: Path) -> AgentRun:
                     deterministic, vae)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): repr(data)}
-
-
 def _run_settings(run: AgentRun) -> dict[str, Any]:
     """The run's config as ``{dotted.key: repr(value)}``, plus ``vae`` for a trained encoder."""
-    settings = _flatten(run.config.model_dump(mode="json"))
+    settings = {key: repr(value)
+                for key, value in flatten_dotted(run.config.model_dump(mode="json")).items()}
     if run.vae and run.vae.get("kind") == "vae" and run.vae.get("weights_hash"):
         settings["vae"] = str(run.vae["weights_hash"])[:12]
     return settings
