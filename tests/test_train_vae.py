@@ -303,7 +303,11 @@ def test_quality_warnings() -> None:
     stuck = {"val/active_units": 0.0, "val/mse_per_pixel": 0.019}
     warnings = train_vae.quality_warnings(stuck, mean_image_mse=0.02)
     assert len(warnings) == 2
-    assert "no active latent units" in warnings[0] and "mean image" in warnings[1]
+    assert "no active latent units" in warnings[0] and "stuck near" in warnings[1]
+    # far worse than the mean image (Pong after 200 steps: 0.019 vs 0.0003) is undertraining
+    worse = {"val/active_units": 2.0, "val/mse_per_pixel": 0.019}
+    (warning,) = train_vae.quality_warnings(worse, mean_image_mse=0.0003)
+    assert "worse than the dataset's mean image" in warning and "undertrained" in warning
 
 
 def test_no_held_out_episodes_validates_on_training_frames(dataset: Path, tmp_path: Path) -> None:

@@ -539,11 +539,17 @@ def quality_warnings(val: dict[str, float], mean_image_mse: float) -> list[str]:
             f"no active latent units (every latent's KL <= {ACTIVE_KL_NATS} nats): the VAE "
             "ignores its input; train longer, raise vae.kl_tolerance or lower vae.beta"
         )
-    if val["val/mse_per_pixel"] > MEAN_IMAGE_RATIO * mean_image_mse:
+    mse = val["val/mse_per_pixel"]
+    if mse > 1.5 * mean_image_mse:
         warnings.append(
-            f"reconstructions are stuck near the dataset's mean image (val MSE/pixel "
-            f"{val['val/mse_per_pixel']:.5f} vs {mean_image_mse:.5f} for the mean image): small "
-            "objects are probably lost; train longer, raise vae.kl_tolerance or lower vae.beta"
+            f"reconstructions are worse than the dataset's mean image (val MSE/pixel {mse:.5f} "
+            f"vs {mean_image_mse:.5f}): the VAE is undertrained; train longer (vae.steps)"
+        )
+    elif mse > MEAN_IMAGE_RATIO * mean_image_mse:
+        warnings.append(
+            f"reconstructions are stuck near the dataset's mean image (val MSE/pixel {mse:.5f} "
+            f"vs {mean_image_mse:.5f} for the mean image): small objects are probably lost; "
+            "train longer, raise vae.kl_tolerance or lower vae.beta"
         )
     return warnings
 
