@@ -120,6 +120,10 @@ def _recon(
     return encoder.decode(encoder.encode(frames, mode=cfg.agent.latent))
 
 
+#: The evaluation an ``evaluate`` replaced (one generation is kept).
+PREVIOUS_EVAL = "eval.previous.json"
+
+
 def run(
     run: Path,
     episodes: int = 10,
@@ -129,6 +133,8 @@ def run(
     checkpoint: Literal["last", "best"] = "last",
 ) -> Path:
     """Evaluate an agent run; write ``RUN/eval.json`` (and ``RUN/video.mp4``).
+
+    An existing ``eval.json`` is kept as ``eval.previous.json`` (replacing an older one there).
 
     :param run: the agent run folder.
     :param episodes: episodes to play.
@@ -180,6 +186,9 @@ def run(
     finally:
         env.close()
     path = run / "eval.json"
+    if path.exists():  # e.g. the pipeline's final evaluation, before a quick `evaluate --video`
+        os.replace(path, run / PREVIOUS_EVAL)
+        log.info("%s: kept the previous evaluation as %s", run, PREVIOUS_EVAL)
     atomic_write_json(path, result)
     log.info("%s: return %.2f +- %.2f over %d episodes", run, result["mean_return"],
              result["std_return"], episodes)

@@ -48,6 +48,9 @@ def test_eval_json_values(runs: dict[str, Path]) -> None:
     assert result["timesteps"] == 64
     again = read_json(evaluate.run(runs["latent"], episodes=5, deterministic=True, seed=7))
     assert again["returns"] == result["returns"]  # one seed, one result
+    evaluate.run(runs["latent"], episodes=1, deterministic=True, seed=8)
+    assert read_json(runs["latent"] / "eval.previous.json") == again  # nothing lost
+    assert read_json(runs["latent"] / "eval.json")["episodes"] == 1
 
 
 def test_deterministic_defaults_to_the_runs_eval_deterministic(
