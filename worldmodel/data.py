@@ -235,8 +235,7 @@ class _FrameSource(_Source[np.ndarray]):
     def __init__(self, reader: DatasetReader, positions: list[int]) -> None:
         self.reader = reader
         index = reader.episode_index()
-        size = BLOCK_CHUNKS * max(int(reader.shard_array(s, "obs").chunks[0])
-                   for s in {index[p]["shard"] for p in positions})
+        size = BLOCK_CHUNKS * reader.layout.chunk_frames  # the dataset's setting, not a shard's
         self.blocks: list[list[tuple[str, int, int]]] = [[]]
         room = size
         for pos in positions:
@@ -262,7 +261,8 @@ class _FrameSource(_Source[np.ndarray]):
     def load(self, block: int) -> np.ndarray:
         pieces = self.blocks[block]
         if len(pieces) == 1:
-            return self.reader.read_range(*pieces[0][:1], "obs", *pieces[0][1:])
+            shard, lo, hi = pieces[0]
+            return self.reader.read_range(shard, "obs", lo, hi)
         out = np.empty((self.items[block], *self.frame_shape), np.uint8)
         # one read per shard (its pieces' span: episodes of one worker lie back to back), then
         # each piece copied to its place in the block's order
