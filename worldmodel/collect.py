@@ -344,7 +344,9 @@ class WorkerSpec:
     max_episode_steps: int | None
     layout: Layout
     commit_seconds: float
-    commit_bytes: int = 16 * 2**20  # per batch; two reused frame buffers of about this size
+    #: per batch; two reused frame buffers of about this size. zarr costs ~1.5 ms per array
+    #: operation, 12 per batch: 64 MiB batches collected Reach 1.25x faster than 16 MiB ones.
+    commit_bytes: int = 64 * 2**20
     make_policy: MakePolicy | None = None
     parent_pid: int | None = None
     envs: int = 1  # envpool backend: envs in the pool
