@@ -69,6 +69,8 @@ log = logging.getLogger("worldmodel")
 ACTIVE_KL_NATS = 0.01
 #: Validation MSE above this fraction of the mean-image MSE counts as "stuck at the mean image".
 MEAN_IMAGE_RATIO = 0.8
+#: Validation MSE above this multiple of the mean-image MSE counts as "undertrained".
+UNDERTRAINED_RATIO = 1.5
 #: Settings of RUN_SECTIONS that may change between a run and its --resume (the rest must match).
 RESUMABLE_CHANGES = frozenset({
     "vae.steps", "vae.epochs", "vae.val_every", "vae.probe_frames",
@@ -540,7 +542,7 @@ def quality_warnings(val: dict[str, float], mean_image_mse: float) -> list[str]:
             "ignores its input; train longer, raise vae.kl_tolerance or lower vae.beta"
         )
     mse = val["val/mse_per_pixel"]
-    if mse > 1.5 * mean_image_mse:
+    if mse > UNDERTRAINED_RATIO * mean_image_mse:
         warnings.append(
             f"reconstructions are worse than the dataset's mean image (val MSE/pixel {mse:.5f} "
             f"vs {mean_image_mse:.5f}): the VAE is undertrained; train longer (vae.steps)"
