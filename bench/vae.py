@@ -6,7 +6,7 @@
    Both time only training steps (the trainer's ``summary.json`` "frames_per_second" excludes its
    validation and checkpoints). Target: trainer / bare >= 0.9.
 2. Absolute training frames/s of the default (World Models) model at batch 256, and of the
-   quickstart model (``configs/quickstart_vae.yaml``) at its batch size.
+   quickstart model (``configs/quickstart.yaml``'s ``vae``) at its batch size.
 3. ``LoadedVAE.encode`` frames/s: batches of 256 vs one frame per call.
 
 Run: ``python bench/vae.py [--threads N]`` (about 2-3 minutes on 2 cores). The numbers are
@@ -119,12 +119,10 @@ def main() -> None:
         data = collect.run(resolve_config(None, ["collect.episodes=40", "collect.workers=1"]),
                            tmp / "reach64")
         trainer_vs_bare("default model", ["vae.batch_size=256"], 8, data, tmp)
-        quick = ROOT / "configs" / "quickstart_vae.yaml"
-        if quick.exists():
-            vae = yaml.safe_load(quick.read_text())["vae"]
-            sets = [f"vae.{k}={json.dumps(v)}" for k, v in vae.items()
-                    if k not in ("steps", "epochs", "val_every", "image_every", "log_every")]
-            trainer_vs_bare("quickstart model", sets, 50, data, tmp)
+        vae = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["vae"]
+        sets = [f"vae.{k}={json.dumps(v)}" for k, v in vae.items()
+                if k not in ("steps", "epochs", "val_every", "image_every", "log_every")]
+        trainer_vs_bare("quickstart model", sets, 50, data, tmp)
         encode_speed(data)
 
 
