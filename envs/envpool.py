@@ -42,7 +42,7 @@ from gymnasium.error import DependencyNotInstalled
 
 from envs.config import Crop, EnvConfig
 from envs.factory import DEFAULT_CROP, UnknownEnvError
-from envs.wrappers import EnvConfigError
+from envs.wrappers import check_crop
 
 if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
@@ -144,13 +144,8 @@ RAW_FRAME = {"carracing": (96, 96)}
 
 def _check_crop(crop: Crop, family: str) -> None:
     """Raise :class:`EnvConfigError` when ``crop`` leaves nothing of the raw frame."""
-    if family not in RAW_FRAME:
-        return
-    h, w = RAW_FRAME[family]
-    if crop.top + crop.bottom >= h or crop.left + crop.right >= w:
-        raise EnvConfigError(
-            f"env.crop {crop.model_dump()} leaves nothing of the {h}x{w} frame; crop less"
-        )
+    if family in RAW_FRAME:
+        check_crop(crop, *RAW_FRAME[family])
 
 
 def _atari_kwargs(cfg: EnvConfig, user: dict[str, Any]) -> dict[str, Any]:

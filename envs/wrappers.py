@@ -19,6 +19,15 @@ class EnvConfigError(gym.error.Error, ValueError):
     """An ``env`` setting that cannot work for this game (the CLI prints it as one line)."""
 
 
+def check_crop(crop: Crop, h: int, w: int) -> None:
+    """Raise :class:`EnvConfigError` when ``crop`` leaves nothing of ``(h, w)`` frames."""
+    if crop.top + crop.bottom >= h or crop.left + crop.right >= w:
+        raise EnvConfigError(
+            f"env.crop {crop.model_dump()} leaves nothing of the {h}x{w} frame (HxW): "
+            f"keep top + bottom below {h} and left + right below {w}"
+        )
+
+
 class CropObservation(gym.ObservationWrapper[np.ndarray, Any, np.ndarray]):
     """Remove pixels from the borders of ``(H, W, C)`` image observations.
 
@@ -34,11 +43,7 @@ class CropObservation(gym.ObservationWrapper[np.ndarray, Any, np.ndarray]):
         space = env.observation_space
         assert isinstance(space, spaces.Box) and space.shape is not None
         h, w = space.shape[:2]
-        if crop.top + crop.bottom >= h or crop.left + crop.right >= w:
-            raise EnvConfigError(
-                f"env.crop {crop.model_dump()} leaves nothing of the {h}x{w} (HxW) frames: "
-                f"keep top + bottom below {h} and left + right below {w}"
-            )
+        check_crop(crop, h, w)
         self._rows = slice(crop.top, h - crop.bottom)
         self._cols = slice(crop.left, w - crop.right)
         shape = (h - crop.top - crop.bottom, w - crop.left - crop.right, *space.shape[2:])
