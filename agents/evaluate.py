@@ -22,6 +22,7 @@ import torch
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from agents.runs import (
+    EVAL_FILE,
     EVAL_SEED_OFFSET,
     VecFrameRecorder,
     agent_device,
@@ -31,6 +32,7 @@ from agents.runs import (
     locate_vae_run,
     make_agent_env,
     read_vae_record,
+    retire_eval,
 )
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json
@@ -120,10 +122,6 @@ def _recon(
     return encoder.decode(encoder.encode(frames, mode=cfg.agent.latent))
 
 
-#: The evaluation an ``evaluate`` replaced (one generation is kept).
-PREVIOUS_EVAL = "eval.previous.json"
-
-
 def run(
     run: Path,
     episodes: int = 10,
@@ -185,10 +183,8 @@ def run(
             result["video"] = _video(cfg, encoder, model, run, env)
     finally:
         env.close()
-    path = run / "eval.json"
-    if path.exists():  # e.g. the pipeline's final evaluation, before a quick `evaluate --video`
-        os.replace(path, run / PREVIOUS_EVAL)
-        log.info("%s: kept the previous evaluation as %s", run, PREVIOUS_EVAL)
+    path = run / EVAL_FILE
+    retire_eval(run)  # e.g. the pipeline's final evaluation, before a quick `evaluate --video`
     atomic_write_json(path, result)
     log.info("%s: return %.2f +- %.2f over %d episodes", run, result["mean_return"],
              result["std_return"], episodes)

@@ -54,6 +54,22 @@ PIXEL_MODES = ("pixel", "latent-finetune")  # frames reach the policy
 EVAL_SEED_OFFSET = 1000
 
 
+#: An agent run's final evaluation (``worldmodel evaluate``), and the one it replaced.
+EVAL_FILE, PREVIOUS_EVAL = "eval.json", "eval.previous.json"
+
+
+def retire_eval(run_dir: Path) -> None:
+    """Move ``eval.json`` aside as ``eval.previous.json`` (one generation is kept).
+
+    Called before a new evaluation replaces it, and before training further makes it describe
+    an older agent; ``compare`` reads only ``eval.json``.
+    """
+    path = run_dir / EVAL_FILE
+    if path.exists():
+        os.replace(path, run_dir / PREVIOUS_EVAL)
+        log.info("%s: kept the previous evaluation as %s", run_dir, PREVIOUS_EVAL)
+
+
 def algo_class(name: str) -> type[BaseAlgorithm]:
     """The SB3 algorithm class called ``name`` (PPO, A2C, SAC, TD3, DQN)."""
     import stable_baselines3

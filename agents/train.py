@@ -56,6 +56,7 @@ from agents.runs import (
     make_agent_env,
     prepare_encoder,
     read_vae_record,
+    retire_eval,
 )
 from worldmodel.errors import UserError
 from worldmodel.io import (
@@ -410,7 +411,8 @@ def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool = False) -
     :param vae: the VAE run (``latent``, ``latent-finetune``; optional for ``random-encoder``,
         where it only decides the architecture).
     :param resume: continue from ``out/last.zip`` (the step count goes on; a session that
-        trains further deletes ``eval.json``, which described the agent before it).
+        trains further moves ``eval.json``, which described the agent before it, to
+        ``eval.previous.json``).
     :return: ``out``.
     """
     out = Path(out)
@@ -468,7 +470,7 @@ def _train(
     start_steps = model.num_timesteps
     remaining = cfg.agent.timesteps - model.num_timesteps
     if remaining > 0:
-        (out / "eval.json").unlink(missing_ok=True)  # of the agent before this session
+        retire_eval(out)  # eval.json described the agent before this session
         checkpoint = Checkpoint(cfg.agent.checkpoint_every, save)
         try:
             model.learn(

@@ -239,6 +239,7 @@ def test_resume_after_a_crash_between_the_checkpoint_writes(vae_run: Path, tmp_p
     (out / "summary.json").unlink()
     train.run(agent_config("latent", timesteps=256), out, vae=vae_run, resume=True)
     assert not (out / "eval.json").exists()  # it described the agent before this session
+    assert read_json(out / "eval.previous.json") == {"timesteps": 128}  # kept aside, not lost
     records = read_jsonl(out / "evaluations.jsonl")
     assert [r["timesteps"] for r in records] == [64, 192, 256]
     seconds = [r["wall_seconds"] for r in records]
