@@ -221,8 +221,10 @@ def _bootstrap(
     from rliable import library as rly
 
     # rliable passes arch a RandomState, which arch deprecates; it also logs each group at INFO
-    # on the root logger.
-    with warnings.catch_warnings(), _quiet_root_logger():
+    # on the root logger. Its bootstraps draw their resamples from the *global* NumPy RNG
+    # (rliable 1.2.0 `update_indices` calls np.random.choice, ignoring random_state), so the
+    # global RNG is seeded for the call, and restored after, to make the CIs reproducible.
+    with warnings.catch_warnings(), _quiet_root_logger(), _global_numpy_seed(seed):
         warnings.simplefilter("ignore", FutureWarning)
         return rly.get_interval_estimates(
             score_dict,
@@ -231,6 +233,17 @@ def _bootstrap(
             confidence_interval_size=cfg.confidence,
             random_state=np.random.RandomState(seed),
         )
+
+
+@contextlib.contextmanager
+def _global_numpy_seed(seed: int) -> Iterator[None]:
+    """Seed NumPy's global RNG inside the block; the caller's RNG state is restored after."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def aggregate(groups: dict[str, np.ndarray], cfg: CompareConfig, seed: int = 0) -> dict[str, Any]:

@@ -13,6 +13,9 @@ from worldmodel.errors import UserError
 from worldmodel.io import read_json
 
 FAST = CompareConfig(random_episodes=10, bootstrap_reps=300)
+#: For the CIs themselves: 300 resamples put a 95% CI's ends on the 7th-8th most extreme of
+#: them, too noisy to test coverage with (one seed in five misses the truth here); the default.
+EXACT = CompareConfig(random_episodes=10)
 
 
 def fake_run(root: Path, name: str, obs_mode: str, seed: int, final: np.ndarray,
@@ -52,7 +55,7 @@ def test_compare_gives_right_iqm_and_cis_containing_truth(
     tmp_path: Path, synthetic: tuple[list[Path], dict[str, float]]
 ) -> None:
     runs, truth = synthetic
-    out = compare.run(runs, tmp_path / "report", FAST)
+    out = compare.run(runs, tmp_path / "report", EXACT)
     report = read_json(out / "report.json")
     for mode, true_mean in truth.items():
         group = report["groups"][mode]
