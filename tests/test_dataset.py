@@ -149,19 +149,23 @@ def test_open_errors_are_one_line_user_errors(data: Path, tmp_path: Path) -> Non
         open_dataset(broken)
 
 
+def _small_layout() -> Layout:
+    return Layout(frame_shape=(4, 4, 1), action_shape=(), action_dtype="int64",
+                  state_shape=None, chunk_frames=8)
+
+
+def _episode(n: int, value: int) -> Episode:
+    done = np.zeros(n, bool)
+    done[-1] = True
+    return Episode(np.full((n, 4, 4, 1), value, np.uint8), np.arange(n), np.ones(n, np.float32),
+                   done, np.zeros(n, bool))
+
+
 def test_uncommitted_tail_is_dropped_when_a_shard_is_reopened(tmp_path: Path) -> None:
     loc = Location(tmp_path)
-    layout = Layout(frame_shape=(4, 4, 1), action_shape=(), action_dtype="int64",
-                    state_shape=None, chunk_frames=8)
-
-    def episode(n: int, value: int) -> Episode:
-        done = np.zeros(n, bool)
-        done[-1] = True
-        return Episode(np.full((n, 4, 4, 1), value, np.uint8), np.arange(n), np.ones(n, np.float32),
-                       done, np.zeros(n, bool))
-
+    layout = _small_layout()
     writer = ShardWriter(loc, "w0", layout, worker=0)
-    writer.write([({"id": 0, "seed": 1}, episode(5, 1)), ({"id": 1, "seed": 2}, episode(7, 2))])
+    writer.write([({"id": 0, "seed": 1}, _episode(5, 1)), ({"id": 1, "seed": 2}, _episode(7, 2))])
     assert writer.end == 12
     # A writer killed mid-episode: arrays grown and partly written, index not rewritten.
     obs = writer.arrays["obs"]
@@ -176,23 +180,11 @@ def test_uncommitted_tail_is_dropped_when_a_shard_is_reopened(tmp_path: Path) ->
     assert index.read_text().endswith("}\n")  # the torn line is gone
     assert not (tmp_path / "shards" / "w0.zarr" / "obs" / "c" / "4").exists() or not any(
         (tmp_path / "shards" / "w0.zarr" / "obs" / "c" / "4").rglob("*.*"))
-    entries = reopened.write([({"id": 2, "seed": 3}, episode(3, 3))])
+    entries = reopened.write([({"id": 2, "seed": 3}, _episode(3, 3))])
     assert entries[0]["start"] == 12
     assert [e["id"] for e in read_shard_index(loc, "w0")] == [0, 1, 2]
     np.testing.assert_array_equal(reopened.arrays["obs"][:], np.concatenate(
         [np.full((5, 4, 4, 1), 1), np.full((7, 4, 4, 1), 2), np.full((3, 4, 4, 1), 3)]))
-
-
-def _small_layout() -> Layout:
-    return Layout(frame_shape=(4, 4, 1), action_shape=(), action_dtype="int64",
-                  state_shape=None, chunk_frames=8)
-
-
-def _episode(n: int, value: int) -> Episode:
-    done = np.zeros(n, bool)
-    done[-1] = True
-    return Episode(np.full((n, 4, 4, 1), value, np.uint8), np.arange(n), np.ones(n, np.float32),
-                   done, np.zeros(n, bool))
 
 
 def _write_small_dataset(root: Path) -> Location:
