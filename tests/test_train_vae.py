@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel import train_vae
+from worldmodel import train_vae, training
 from worldmodel.cli import main as cli_main
 from worldmodel.config import Config, resolve_config
 from worldmodel.errors import UserError
@@ -190,7 +190,7 @@ def test_resume_refuses_a_dataset_whose_validation_episodes_changed(
         train_vae.run(_cfg("vae.steps=8"), grown, out, resume=True)
     assert load_checkpoint(out / "last.pt")["step"] == 4
     train_vae.run(_cfg("vae.steps=8"), dataset, out, resume=True)  # its own dataset: fine
-    from worldmodel.data import split_episodes
+    from worldmodel.loaders import split_episodes
 
     assert load_checkpoint(out / "last.pt")["val_episodes"] == split_episodes(range(8), 0.25, 0)[1]
 
@@ -208,13 +208,15 @@ def test_resume_without_a_checkpoint_is_an_error(dataset: Path, tmp_path: Path) 
 def test_best_is_written_before_last(dataset: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[tuple[str, int]] = []
-    real = train_vae.save_checkpoint
+    import worldmodel.vae as vae_module
+
+    real = vae_module.save_checkpoint
 
     def save(path: Path, data: dict[str, Any]) -> None:
         written.append((path.name, data["step"]))
         real(path, data)
 
-    monkeypatch.setattr(train_vae, "save_checkpoint", save)
+    monkeypatch.setattr(vae_module, "save_checkpoint", save)  # what training.py writes with
     train_vae.run(_cfg("vae.steps=4", "vae.val_every=2", "vae.lr=3e-3"), dataset,
                   tmp_path / "run")
     assert written[:2] == [("best.pt", 2), ("last.pt", 2)]  # the first validation improves
@@ -278,17 +280,17 @@ def test_prefetch_keeps_the_order_and_hands_over_errors() -> None:
         raise ValueError("broken chunk")
 
     got = []
-    prefetch = train_vae.Prefetch(items(), depth=2)
+    prefetch = training.Prefetch(items(), depth=2)
     with pytest.raises(ValueError, match="broken chunk"):
         for item in prefetch:
             got.append(item)
     assert got == [0, 1, 2, 3, 4]
-    endless = train_vae.Prefetch(iter(int, 1), depth=3)  # never ends
+    endless = training.Prefetch(iter(int, 1), depth=3)  # never ends
     assert next(endless) == 0
     endless.close()
     assert not endless._thread.is_alive()
-    assert train_vae.prefetch_depth(64 * 64 * 64 * 3) == 64
-    assert train_vae.prefetch_depth(256 * 96 * 96 * 3) == 9
+    assert training.prefetch_depth(64 * 64 * 64 * 3) == 64
+    assert training.prefetch_depth(256 * 96 * 96 * 3) == 9
 
 
 def test_kl_warmup_ramps_the_kl_weight_to_beta() -> None:

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
-import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,8 +40,16 @@ import torch
 
 from worldmodel.config import Config, flatten_dotted, load_run_config
 from worldmodel.errors import UserError
-from worldmodel.io import append_jsonl, atomic_write_json, read_jsonl
-from worldmodel.utils import progress_enabled, resolve_device, seed_everything
+from worldmodel.io import atomic_write_json
+from worldmodel.training import (
+    Prefetch,
+    RunLog,
+    batch_stream,
+    prefetch_depth,
+    progress_bar,
+    save_checkpoints,
+)
+from worldmodel.utils import resolve_device, seed_everything
 from worldmodel.vae import (
     ConvVAE,
     LoadedVAE,
@@ -52,15 +57,13 @@ from worldmodel.vae import (
     build_vae,
     frames_to_tensor,
     load_checkpoint,
-    save_checkpoint,
     vae_loss,
 )
 
 if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
 
-    from worldmodel.data import FrameDataset
     from worldmodel.dataset import DatasetReader
+    from worldmodel.loaders import FrameDataset
     from worldmodel.metrics import ProbeData
 
 log = logging.getLogger("worldmodel")
@@ -131,57 +134,6 @@ class Window:
             "vae/loss": loss, "vae/recon": recon, "vae/kl": kl,
             "vae/active_units": float((kl_dims > ACTIVE_KL_NATS).sum()),
         }, kl_dims
-
-
-class RunLog:
-    """TensorBoard and ``metrics.jsonl``, written side by side with the same keys.
-
-    :param out: the run folder.
-    :param purge_step: on resume, the checkpoint's step: later records (of the interrupted
-        session) are dropped from both logs so that they are not shown twice; the records of
-        the checkpoint's step itself (its validation) stay.
-    """
-
-    def __init__(self, out: Path, purge_step: int | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path = out / "metrics.jsonl"
-        if purge_step is not None and self.path.exists():
-            from worldmodel.io import atomic_write_text
-
-            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= purge_step]
-            atomic_write_text(self.path, "".join(_json_line(r) for r in keep))
-        # TensorBoard hides the events at steps >= its purge_step: keep the checkpoint's own.
-        self.writer: SummaryWriter = SummaryWriter(
-            str(out), purge_step=None if purge_step is None else purge_step + 1
-        )
-
-    def record(self, step: int, values: dict[str, Any]) -> None:
-        """Scalars (and lists, jsonl only) at ``step``."""
-        for key, value in values.items():
-            if isinstance(value, int | float):
-                self.writer.add_scalar(key, value, step)
-        append_jsonl(self.path, {"step": step, "time": time.time(), **values})
-
-    def kl_per_dim(self, step: int, kl: np.ndarray, prefix: str = "kl_per_dim") -> None:
-        """One scalar per latent dimension and a histogram (TensorBoard only)."""
-        for j, value in enumerate(kl):
-            self.writer.add_scalar(f"{prefix}/{j:02d}", float(value), step)
-        self.writer.add_histogram(f"{prefix}/histogram", kl, step)
-
-    def image(self, step: int, tag: str, grid: np.ndarray) -> None:
-        """A uint8 ``(H, W, C)`` image."""
-        self.writer.add_image(tag, grid, step, dataformats="HWC")
-
-    def close(self) -> None:
-        """Flush and close TensorBoard's file."""
-        self.writer.close()
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(record, default=float) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,74 +247,6 @@ def kl_weight(cfg: Config, step: int) -> float:
     """
     warmup = cfg.vae.kl_warmup_steps
     return cfg.vae.beta * min(1.0, step / warmup) if warmup else cfg.vae.beta
-
-
-def batch_stream(dataset: FrameDataset, step: int) -> Iterator[np.ndarray]:
-    """Training batches from optimizer step ``step`` on, epoch after epoch, without end.
-
-    :return: uint8 ``(B, H, W, C)`` batches; batch ``i`` of epoch ``e`` is step
-        ``e * len(dataset) + i``.
-    """
-    epoch, start = divmod(step, len(dataset))
-    while True:
-        yield from dataset.batches(epoch, start)
-        epoch, start = epoch + 1, 0
-
-
-class Prefetch:
-    """Pull items of an iterator in a background thread, up to ``depth`` ahead.
-
-    The loop then never waits for data while a core is free, also not at an epoch boundary,
-    where ``FrameDataset`` loads the next epoch's first buffer. The order is unchanged.
-
-    :param items: the iterator (e.g. :func:`batch_stream`).
-    :param depth: items held ready.
-    """
-
-    _END = object()
-
-    def __init__(self, items: Iterator[Any], depth: int) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True,
-                                        name="batch-prefetch")
-        self._thread.start()
-
-    def _produce(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put(self._END)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._queue.put(e)
-
-    def __iter__(self) -> Prefetch:
-        return self
-
-    def __next__(self) -> Any:
-        item = self._queue.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the background thread."""
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-
-
-def prefetch_depth(batch_bytes: int, budget: int = 64 * 2**20) -> int:
-    """Batches to hold ready: about ``budget`` bytes, between 2 and 64."""
-    return int(min(64, max(2, budget // max(batch_bytes, 1))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,16 +482,14 @@ def evaluate_and_checkpoint(s: Session) -> None:
     if rep is not None:
         values.update(_repr_scalars(rep))
     s.logger.record(s.prog.step, values)
-    s.logger.kl_per_dim(s.prog.step, kl, "val_kl_per_dim")
+    s.logger.per_dim(s.prog.step, kl, "val_kl_per_dim")
     s.last_val, s.last_kl, s.last_repr = val, kl, rep
     improved = val["val/loss"] < s.prog.best_val_loss
     if improved:
         s.prog.best_val_loss, s.prog.best_step = val["val/loss"], s.prog.step
     s.update_wall()
     state = checkpoint_state(s.model, s.opt, s.prog, s.train.num_frames, s.val_episodes)
-    if improved:  # first: last.pt must never name a best step that best.pt does not hold
-        save_checkpoint(s.out / "best.pt", state)
-    save_checkpoint(s.out / "last.pt", state)
+    save_checkpoints(s.out, state, improved)
 
 
 def _nan_error(s: Session, what: str, step: int | None = None) -> UserError:
@@ -621,18 +503,13 @@ def _nan_error(s: Session, what: str, step: int | None = None) -> UserError:
 
 def train_loop(s: Session) -> None:
     """Optimise until ``s.total`` steps: forward, loss, backward, step; log and validate."""
-    from tqdm import tqdm
-
     v, model, opt = s.cfg.vae, s.model, s.opt
     window = Window(s.prog.step)
     batch_bytes = v.batch_size * int(np.prod(s.train.frame_shape))
     batches = Prefetch(batch_stream(s.train, s.prog.step), prefetch_depth(batch_bytes))
     model.train()
     tick = time.perf_counter()
-    with closing(batches), tqdm(
-        total=s.total, initial=s.prog.step, unit="step", desc="train-vae",
-        disable=not progress_enabled(), dynamic_ncols=True,
-    ) as bar:
+    with closing(batches), progress_bar(s.total, s.prog.step, "train-vae") as bar:
         while s.prog.step < s.total:
             x = frames_to_tensor(next(batches), s.device)
             terms = vae_loss(model(x), x, kl_weight(s.cfg, s.prog.step), v.kl_tolerance,
@@ -678,7 +555,7 @@ def log_window(s: Session, window: Window) -> dict[str, float]:
     scalars["time/frames_per_second"] = (step * s.cfg.vae.batch_size
                                          / max(s.prog.train_seconds, 1e-9))
     s.logger.record(step, {**scalars, "vae/kl_per_dim": kl.tolist()})
-    s.logger.kl_per_dim(step, kl)
+    s.logger.per_dim(step, kl, "kl_per_dim")
     return scalars
 
 
@@ -727,8 +604,8 @@ def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
     :param resume: continue from ``out/last.pt`` (``UserError`` when there is none).
     :return: ``out``.
     """
-    from worldmodel.data import FrameDataset, split_episodes
     from worldmodel.dataset import open_dataset
+    from worldmodel.loaders import FrameDataset, split_episodes
 
     started = time.perf_counter()
     data, out = Path(data), Path(out)
