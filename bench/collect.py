@@ -33,8 +33,8 @@ from bench.common import verdict
 from envs import make_env
 from worldmodel.collect import episode_seeds, make_builtin_policy, run
 from worldmodel.config import Config, resolve_config
-from worldmodel.data import FrameDataset
 from worldmodel.dataset import SHARDS, Location, open_dataset
+from worldmodel.loaders import FrameDataset
 from worldmodel.utils import setup_logging
 
 

@@ -33,7 +33,7 @@ import yaml
 from bench.common import verdict
 from worldmodel import collect, train_vae
 from worldmodel.config import Config, resolve_config
-from worldmodel.data import FrameDataset
+from worldmodel.loaders import FrameDataset
 from worldmodel.utils import setup_logging
 from worldmodel.vae import LoadedVAE, build_vae, frames_to_tensor, vae_loss
 

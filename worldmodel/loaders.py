@@ -1,4 +1,4 @@
-"""Streaming readers of a collected dataset for training, with bounded memory.
+"""Training loaders: streaming readers of a collected dataset, with bounded memory.
 
 :class:`FrameDataset` yields shuffled ``uint8`` frame minibatches for the VAE;
 :class:`SequenceDataset` yields shuffled windows of ``(obs, action, reward, done)`` for sequence
@@ -22,6 +22,8 @@ and the split's episodes (a dataset that gains episodes changes the split, see
 :func:`split_episodes`, and the blocks); a resumed trainer must keep all of them.
 
 Train and validation sets are split by episode (:func:`split_episodes`), never by frame.
+The store these readers read (writing, opening, checking a dataset) is
+:mod:`worldmodel.dataset`.
 """
 
 from __future__ import annotations

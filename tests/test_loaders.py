@@ -11,9 +11,9 @@ import pytest
 
 from worldmodel.collect import run
 from worldmodel.config import resolve_config
-from worldmodel.data import FrameDataset, SequenceDataset, split_episodes
 from worldmodel.dataset import MANIFEST, Location, ShardWriter, open_dataset
 from worldmodel.errors import UserError
+from worldmodel.loaders import FrameDataset, SequenceDataset, split_episodes
 
 FRAME_BYTES = 16 * 16 * 3
 
