@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from worldmodel.dataset import DatasetReader
 
 __all__ = [
+    "ACTIVE_KL_NATS",
     "ProbeData",
     "knn_mse",
     "linear_probe_r2",
@@ -43,6 +44,10 @@ __all__ = [
     "random_projection",
     "representation_metrics",
 ]
+
+#: A latent dimension whose mean KL(q(z|x) || N(0, I)) exceeds this many nats is "active" (the
+#: decoder uses it): train-vae's ``active_units`` and visualize's count use this one threshold.
+ACTIVE_KL_NATS = 0.01
 
 
 class ProbeData(NamedTuple):

@@ -41,6 +41,7 @@ import torch
 from worldmodel.config import Config, flatten_dotted, load_run_config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json
+from worldmodel.metrics import ACTIVE_KL_NATS
 from worldmodel.training import (
     Prefetch,
     RunLog,
@@ -68,8 +69,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("worldmodel")
 
-#: A latent dimension is "active" when its batch-mean KL exceeds this many nats.
-ACTIVE_KL_NATS = 0.01
 #: Validation MSE above this fraction of the mean-image MSE counts as "stuck at the mean image".
 MEAN_IMAGE_RATIO = 0.8
 #: Validation MSE above this multiple of the mean-image MSE counts as "undertrained".

@@ -61,6 +61,7 @@ import numpy as np
 
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from worldmodel.metrics import ACTIVE_KL_NATS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -88,8 +89,6 @@ __all__ = [
     "write_video",
 ]
 
-#: A latent dimension whose mean KL exceeds this (nats) is "active" (train-vae's threshold).
-ACTIVE_KL_NATS = 0.01
 #: Sample frames that are also decoded (reconstruction grid and error).
 RECON_FRAMES = 512
 #: Grey used between tiles.
@@ -576,10 +575,8 @@ def _compute_representation(
     vae: LoadedVAE, reader: DatasetReader, max_frames: int, seed: int
 ) -> dict[str, Any] | None:
     """Linear-probe R^2 and KNN-MSE on held-out episodes (``worldmodel.metrics``)."""
-    try:
-        from worldmodel import metrics
-    except ImportError:  # pragma: no cover - metrics ships with the package
-        return None
+    from worldmodel import metrics
+
     ids = np.random.default_rng(seed).permutation(reader.episode_ids)
     if len(ids) < 2:
         log.info("visualize: one episode only, no held-out episodes for the probe")
