@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel import visualize
+from worldmodel import latents, media, visualize
 from worldmodel.config import resolve_config
 from worldmodel.dataset import open_dataset
 from worldmodel.errors import UserError
@@ -147,10 +147,10 @@ def test_episode_video_is_original_beside_reconstruction(result: dict[str, Path]
 
 
 def test_gif_fallback_without_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(visualize, "_ffmpeg_available", lambda: False)
+    monkeypatch.setattr(media, "ffmpeg_available", lambda: False)
     frames = np.zeros((5, 32, 48, 3), np.uint8)
     frames[:, :, :16] = np.arange(5)[:, None, None, None] * 50
-    path = visualize.write_video(tmp_path / "clip", frames, fps=10)
+    path = media.write_video(tmp_path / "clip", frames, fps=10)
     assert path == tmp_path / "clip.gif"
     back = iio.imread(path, index=None)
     assert back.shape[:3] == (5, 32, 48)
@@ -160,16 +160,16 @@ def test_gif_fallback_without_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_traversals_change_with_the_latent_value(setup: dict[str, Path]) -> None:
     vae = load_vae(setup["vae"])
     frames = np.concatenate([ep.obs for ep in open_dataset(setup["data"])])
-    post = visualize.posterior(vae, frames)
-    kl = visualize.kl_per_dim(post.mu, post.logvar)
+    post = latents.posterior(vae, frames)
+    kl = latents.kl_per_dim(post.mu, post.logvar)
     top = int(np.argmax(kl))
-    grid = visualize.latent_traversals(vae, post.mu[0], post.mu.std(0), [top], steps=7)
+    grid = latents.latent_traversals(vae, post.mu[0], post.mu.std(0), [top], steps=7)
     assert grid.shape == (1, 7, SIZE, SIZE, 3) and grid.dtype == np.uint8
     np.testing.assert_array_equal(grid[0, 3], vae.decode(post.mu[:1])[0])  # 0 std = the frame
     first, last = grid[0, 0].astype(int), grid[0, -1].astype(int)
     assert np.abs(first - last).mean() > 1, "sweeping the most informative latent changes nothing"
     # A dimension swept by 0 std gives identical images.
-    flat = visualize.latent_traversals(vae, post.mu[0], np.zeros(LATENT), [top], steps=3)
+    flat = latents.latent_traversals(vae, post.mu[0], np.zeros(LATENT), [top], steps=3)
     assert (flat[0] == flat[0, :1]).all()
 
 
@@ -184,23 +184,23 @@ def test_traversal_png_has_one_labelled_row_per_dimension(result: dict[str, Path
 def test_interpolation_ends_at_both_frames(setup: dict[str, Path]) -> None:
     vae = load_vae(setup["vae"])
     z = np.random.default_rng(0).normal(size=(2, LATENT)).astype(np.float32)
-    line = visualize.interpolate(vae, z[0], z[1], steps=5)
+    line = latents.interpolate(vae, z[0], z[1], steps=5)
     assert line.shape == (5, SIZE, SIZE, 3)
     np.testing.assert_array_equal(line[[0, -1]], vae.decode(z))
 
 
 def test_projection_methods() -> None:
     z = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
-    xy, how = visualize.project_2d(z, "pca")
+    xy, how = latents.project_2d(z, "pca")
     assert xy.shape == (60, 2) and "PCA" in how
     assert np.var(xy[:, 0]) >= np.var(xy[:, 1])  # first component explains the most
-    xy, how = visualize.project_2d(z, "tsne")
+    xy, how = latents.project_2d(z, "tsne")
     assert xy.shape == (60, 2) and np.isfinite(xy).all() and "t-SNE" in how
     try:
         import umap  # noqa: F401
     except ImportError:
         with pytest.raises(UserError, match="umap-learn"):
-            visualize.project_2d(z, "umap")
+            latents.project_2d(z, "umap")
 
 
 def test_projector_loads_in_tensorboard(result: dict[str, Path]) -> None:
@@ -292,8 +292,8 @@ def test_bad_inputs_are_one_line_user_errors(setup: dict[str, Path], tmp_path: P
 
 def test_sample_is_bounded_and_seeded(setup: dict[str, Path]) -> None:
     reader = open_dataset(setup["data"])
-    a = visualize.sample_frames(reader, max_frames=20, seed=1)
-    b = visualize.sample_frames(reader, max_frames=20, seed=1)
+    a = latents.sample_frames(reader, max_frames=20, seed=1)
+    b = latents.sample_frames(reader, max_frames=20, seed=1)
     assert len(a.frames) <= 20 and a.frames.shape[1:] == (SIZE, SIZE, 3)
     np.testing.assert_array_equal(a.frames, b.frames)
     for i in range(len(a.frames)):  # every frame is where the sample says it is
@@ -307,9 +307,9 @@ def test_sample_is_bounded_and_seeded(setup: dict[str, Path]) -> None:
 def test_loaded_vae_wrapper_works_without_run_folder() -> None:
     cfg = resolve_config(None, [f"env.image_size={SIZE}", "vae.widths=[8]", "vae.latent_dim=3"])
     vae = LoadedVAE(build_vae(cfg.vae, cfg.env), cfg)
-    post = visualize.posterior(vae, np.zeros((3, SIZE, SIZE, 3), np.uint8), batch_size=2)
+    post = latents.posterior(vae, np.zeros((3, SIZE, SIZE, 3), np.uint8), batch_size=2)
     assert post.mu.shape == post.logvar.shape == (3, 3)
     np.testing.assert_allclose(post.mu, vae.encode(np.zeros((3, SIZE, SIZE, 3), np.uint8)),
                                atol=1e-6)
     with pytest.raises(UserError, match="expects"):
-        visualize.posterior(vae, np.zeros((3, 8, 8, 3), np.uint8))
+        latents.posterior(vae, np.zeros((3, 8, 8, 3), np.uint8))

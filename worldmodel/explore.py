@@ -42,11 +42,12 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from worldmodel.errors import UserError
+from worldmodel.latents import Sample, kl_per_dim, load_inputs, posterior, sample_frames
+from worldmodel.media import png_bytes
 
 if TYPE_CHECKING:
     from worldmodel.dataset import DatasetReader
     from worldmodel.vae import LoadedVAE
-    from worldmodel.visualize import Sample
 
 log = logging.getLogger("worldmodel")
 
@@ -67,8 +68,6 @@ class ApiError(Exception):
 
 
 def _png_uri(image: np.ndarray) -> str:
-    from worldmodel.visualize import png_bytes
-
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
@@ -83,8 +82,6 @@ class Explorer:
 
     def __init__(self, vae: LoadedVAE, reader: DatasetReader | None, max_frames: int = 2000,
                  seed: int = 0) -> None:
-        from worldmodel.visualize import kl_per_dim, posterior, sample_frames
-
         self.vae, self.reader = vae, reader
         self._lock = threading.Lock()  # one model call / dataset read at a time
         self._episodes: OrderedDict[int, tuple[Any, np.ndarray]] = OrderedDict()
@@ -344,8 +341,6 @@ def make_server(
     :param port: TCP port; 0 picks a free one (see :attr:`ExplorerServer.url`).
     :raises UserError: bad run or dataset, or a port that is taken.
     """
-    from worldmodel.visualize import load_inputs
-
     vae, reader = load_inputs(Path(vae_run), None if data is None else Path(data))
     if reader is not None:
         log.info("explore: encoding up to %d frames of %s", max_frames, data)
