@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.modes import report_rank
 from worldmodel.config import CompareConfig, Config, flatten_dotted, load_run_config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl
@@ -168,9 +169,8 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
         groups.setdefault(run.group, Group(run.group)).runs.append(run)
     for group in groups.values():
         group.scores = np.array([[r.score] for r in group.runs])
-    order = {"pixel": 0, "latent": 1, "latent-finetune": 2, "random-encoder": 3}
-    return sorted(groups.values(), key=lambda g: (order.get(g.runs[0].config.agent.obs_mode, 9),
-                                                  g.name))
+    return sorted(groups.values(),
+                  key=lambda g: (report_rank(g.runs[0].config.agent.obs_mode), g.name))
 
 
 class _RandomModel:

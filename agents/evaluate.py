@@ -21,19 +21,10 @@ import numpy as np
 import torch
 from stable_baselines3.common.evaluation import evaluate_policy
 
-from agents.runs import (
-    EVAL_FILE,
-    EVAL_SEED_OFFSET,
-    VecFrameRecorder,
-    agent_device,
-    find_wrapper,
-    load_encoder,
-    load_model,
-    locate_vae_run,
-    make_agent_env,
-    read_vae_record,
-    retire_eval,
-)
+from agents.encoders import load_encoder, locate_vae_run, read_vae_record
+from agents.models import agent_device, load_model
+from agents.modes import get_mode
+from agents.wrapping import EVAL_SEED_OFFSET, VecFrameRecorder, find_wrapper, make_agent_env
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json
 
@@ -47,6 +38,21 @@ log = logging.getLogger("worldmodel")
 
 #: Videos are upscaled (nearest neighbour) to at least this many pixels high.
 VIDEO_HEIGHT = 256
+
+#: An agent run's final evaluation (``worldmodel evaluate``), and the one it replaced.
+EVAL_FILE, PREVIOUS_EVAL = "eval.json", "eval.previous.json"
+
+
+def retire_eval(run_dir: Path) -> None:
+    """Move ``eval.json`` aside as ``eval.previous.json`` (one generation is kept).
+
+    Called before a new evaluation replaces it, and before training further makes it describe
+    an older agent; ``compare`` reads only ``eval.json``.
+    """
+    path = run_dir / EVAL_FILE
+    if path.exists():
+        os.replace(path, run_dir / PREVIOUS_EVAL)
+        log.info("%s: kept the previous evaluation as %s", run_dir, PREVIOUS_EVAL)
 
 
 def _stats(values: Sequence[float], name: str) -> dict[str, float]:
@@ -115,7 +121,7 @@ def _finetune_recon(
 def _recon(
     cfg: Config, encoder: LoadedVAE | None, model: BaseAlgorithm, run: Path, frames: np.ndarray
 ) -> np.ndarray | None:
-    if cfg.agent.obs_mode == "latent-finetune":
+    if get_mode(cfg.agent.obs_mode).encoder_in_policy:
         return _finetune_recon(model, run, frames)
     if encoder is None:
         return None

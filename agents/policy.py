@@ -2,7 +2,7 @@
 
 ``worldmodel collect`` with ``collect.policy: agent:RUN`` calls :func:`make_policy` in each worker
 (it is a picklable module-level function). The policy builds the observation pipeline the run
-was trained with, from its folder (:mod:`agents.runs`): the same VAE (checked by weights hash),
+was trained with, from its folder (:mod:`agents.encoders`): the same VAE (checked by weights hash),
 the same latent or frame history (zeros before the episode start) and the same latent mode.
 """
 
@@ -18,8 +18,10 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.stacked_observations import StackedObservations
 
+from agents.encoders import load_encoder
 from agents.latent import latent_space
-from agents.runs import LATENT_MODES, agent_device, load_encoder, load_model
+from agents.models import agent_device, load_model
+from agents.modes import get_mode
 from worldmodel.errors import UserError
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ class AgentPolicy:
         self.deterministic = deterministic
         self.action_space = copy.deepcopy(action_space)
         self.seed(seed)
-        if cfg.agent.obs_mode in LATENT_MODES:
+        if get_mode(cfg.agent.obs_mode).policy_input == "latents":
             assert encoder is not None
             base: spaces.Box = latent_space(encoder.latent_dim)
         else:

@@ -5,10 +5,11 @@ Top to bottom, :func:`run`:
 1. checks the run folder (a fresh run refuses a folder with checkpoints; ``--resume`` needs
    ``last.zip`` and the same settings), the algorithm against the action space, and the
    hyperparameters (:mod:`agents.hyperparams`);
-2. builds the encoder (:func:`agents.runs.prepare_encoder`: the ``--vae`` run, checked against
-   the env's frames, or an untrained one for ``random-encoder``) and records it in ``vae.json``;
+2. builds the encoder (:func:`agents.encoders.prepare_encoder`: the ``--vae`` run, checked
+   against the env's frames, or an untrained one for ``random-encoder``) and records it in
+   ``vae.json``;
 3. builds ``env.n_envs`` training envs and ``agent.eval_envs`` evaluation envs (seeds
-   ``seed + 1000 + i``) with the same observation pipeline (:mod:`agents.runs`);
+   ``seed + 1000 + i``) with the same observation pipeline (:mod:`agents.wrapping`);
 4. trains with SB3's logger (stdout, ``progress*.csv``, TensorBoard), its progress bar, a periodic
    evaluation (:class:`PeriodicEval`) and checkpoints (:class:`Checkpoint`);
 5. evaluates once more at the end and writes ``summary.json``.
@@ -45,19 +46,11 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
+from agents.encoders import load_encoder, prepare_encoder, read_vae_record
+from agents.evaluate import retire_eval
 from agents.hyperparams import parse_hyperparams
-from agents.runs import (
-    EVAL_SEED_OFFSET,
-    agent_device,
-    algo_class,
-    full_policy_kwargs,
-    load_encoder,
-    load_model,
-    make_agent_env,
-    prepare_encoder,
-    read_vae_record,
-    retire_eval,
-)
+from agents.models import agent_device, algo_class, full_policy_kwargs, load_model
+from agents.wrapping import EVAL_SEED_OFFSET, make_agent_env
 from worldmodel.errors import UserError
 from worldmodel.io import (
     append_jsonl,

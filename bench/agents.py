@@ -39,7 +39,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from agents.hyperparams import parse_hyperparams
 from agents.latent import LatentObservation, VecLatentObservation
-from agents.runs import make_agent_env
+from agents.modes import get_mode
+from agents.wrapping import make_agent_env
 from bench.common import compare, rate, verdict
 from envs import make_env, make_vec_env
 from worldmodel.config import Config, resolve_config
@@ -69,9 +70,10 @@ def untrained_vae(cfg: Config) -> LoadedVAE:
 
 def ppo_rate(cfg: Config, steps: int) -> float:
     """Env steps/s of ``PPO.learn(steps)`` in ``cfg.agent.obs_mode``."""
-    encoder = untrained_vae(cfg) if cfg.agent.obs_mode == "latent" else None
+    mode = get_mode(cfg.agent.obs_mode)
+    encoder = untrained_vae(cfg) if mode.frozen_encoder else None
     env = make_agent_env(cfg, encoder, n_envs=cfg.env.n_envs, seed=0)
-    policy = "CnnPolicy" if cfg.agent.obs_mode == "pixel" else "MlpPolicy"
+    policy = mode.default_policy
     hyper = parse_hyperparams(cfg.agent.hyperparams, PPO)
     model = PPO(policy, env, seed=0, device="cpu", verbose=0, **hyper)
     start = time.perf_counter()

@@ -90,7 +90,7 @@ def test_unknown_and_zoo_only_keys_are_one_line_user_errors() -> None:
 def test_shipped_configs_give_valid_sb3_arguments(name: str) -> None:
     from pathlib import Path
 
-    from agents.runs import algo_class
+    from agents.models import algo_class
     from worldmodel.config import resolve_config
 
     cfg = resolve_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")

@@ -15,7 +15,7 @@ from agent_testing import PIXEL_SIZE, SIZE, agent_config, make_vae_run
 
 from agents import train
 from agents.extractor import vae_extractors
-from agents.runs import algo_class, load_model
+from agents.models import algo_class, load_model
 from worldmodel.errors import UserError
 from worldmodel.io import read_json, read_jsonl
 from worldmodel.vae import load_vae
