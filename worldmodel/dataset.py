@@ -128,6 +128,12 @@ class Layout:
             out["state"] = (self.state_shape, "float32")
         return out
 
+    @property
+    def step_bytes(self) -> int:
+        """Bytes one step takes uncompressed: frame, action, reward and flags, and state."""
+        return sum(math.prod(shape) * np.dtype(dtype).itemsize
+                   for shape, dtype in self.fields().values())
+
     def to_json(self) -> dict[str, Any]:
         """The layout as JSON-friendly values (for the manifest)."""
         return {
