@@ -1,8 +1,9 @@
 """``worldmodel evaluate RUN``: returns and episode lengths of a trained agent, and a video.
 
 ``RUN/eval.json`` holds every episode's return and length plus their mean, std, min and max.
-With ``video=True``, ``RUN/video.mp4`` shows the first episode of env 0, upscaled with nearest
-neighbours (64x64 frames become 256x256); for the encoder modes it shows, side by side, the frame
+With ``video=True``, ``RUN/video.mp4`` (``video.gif`` without ffmpeg) shows the first episode of
+env 0, upscaled with nearest neighbours (64x64 frames become 256x256); for the encoder modes it
+shows, side by side, the frame
 and the VAE's reconstruction of the latent the agent observes (for ``latent-finetune``: the
 fine-tuned encoder's ``mu`` through the original VAE decoder; for ``random-encoder`` the
 "reconstruction" is noise, which is the point of that control).
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,6 +27,7 @@ from agents.modes import get_mode
 from agents.wrapping import EVAL_SEED_OFFSET, VecFrameRecorder, find_wrapper, make_agent_env
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json
+from worldmodel.media import write_video
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -82,21 +83,6 @@ def compose_video(frames: np.ndarray, recon: np.ndarray | None = None) -> np.nda
         video = np.concatenate([video, _rgb(recon)], axis=2)
     scale = max(1, -(-VIDEO_HEIGHT // frames.shape[1]))
     return np.repeat(np.repeat(video, scale, axis=1), scale, axis=2)
-
-
-def write_mp4(path: Path, video: np.ndarray, fps: float) -> None:
-    """Write ``(T, H, W, 3)`` uint8 frames as an H.264 MP4, atomically (temp file + rename)."""
-    import imageio.v2 as imageio
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        imageio.mimwrite(tmp, list(video), fps=fps, macro_block_size=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _finetune_recon(
@@ -204,8 +190,7 @@ def _video(
     frames = np.stack(recorder.frames)
     recon = _recon(cfg, encoder, model, run, frames)
     fps = float(env.metadata.get("render_fps") or 30) / cfg.env.frame_skip
-    path = run / "video.mp4"
-    write_mp4(path, compose_video(frames, recon), fps=max(1.0, fps))
+    path = write_video(run / "video", compose_video(frames, recon), fps=max(1.0, fps))
     episode = recorder.episode or {}
     return {
         "path": path.name,
