@@ -41,8 +41,8 @@ from gymnasium import spaces
 from gymnasium.error import DependencyNotInstalled
 
 from envs.config import Crop, EnvConfig
-from envs.factory import DEFAULT_CROP, UnknownEnvError
-from envs.wrappers import check_crop
+from envs.factory import DEFAULT_CROP, UnknownEnvError, check_atari_crop
+from envs.wrappers import EnvConfigError, check_crop
 
 if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
@@ -74,8 +74,12 @@ _RESERVED = {
 }
 
 
-class EnvPoolSettingError(gym.error.Error, ValueError):
-    """An ``env`` setting that the EnvPool backend cannot honour (the CLI prints one line)."""
+class EnvPoolSettingError(EnvConfigError):
+    """An ``env`` setting that only the EnvPool backend cannot honour (the CLI prints one line).
+
+    A kind of :class:`~envs.EnvConfigError`; mistakes that no backend accepts (a crop of an
+    Atari game, a crop larger than the frame) raise :class:`~envs.EnvConfigError` itself.
+    """
 
 
 def import_envpool() -> Any:
@@ -149,10 +153,7 @@ def _check_crop(crop: Crop, family: str) -> None:
 
 
 def _atari_kwargs(cfg: EnvConfig, user: dict[str, Any]) -> dict[str, Any]:
-    if cfg.crop is not None and not cfg.crop.is_empty():
-        raise EnvPoolSettingError(
-            "env.crop is not supported for Atari games (AtariPreprocessing resizes)"
-        )
+    check_atari_crop(cfg)
     limit = ATARI_MAX_FRAMES // cfg.frame_skip
     if "max_num_frames_per_episode" in user:
         limit = int(user.pop("max_num_frames_per_episode")) // cfg.frame_skip

@@ -45,6 +45,7 @@ ATARI_EXTRA = 'pip install "worldmodel[atari]"'
 __all__ = [
     "EnvConfigError",
     "UnknownEnvError",
+    "check_atari_crop",
     "check_env_id",
     "env_family",
     "make_env",
@@ -141,12 +142,21 @@ def make_env(
     return env
 
 
-def _make_atari(cfg: EnvConfig, kwargs: dict[str, Any]) -> gym.Env[np.ndarray, Any]:
+def check_atari_crop(cfg: EnvConfig) -> None:
+    """Raise :class:`EnvConfigError` when ``cfg`` crops an Atari game.
+
+    Both backends resize the whole screen themselves (Gymnasium's ``AtariPreprocessing``,
+    EnvPool's Atari envs), so a crop cannot be honoured; the same error for both.
+    """
     if cfg.crop is not None and not cfg.crop.is_empty():
         raise EnvConfigError(
-            f"env.crop is not supported for Atari games ({cfg.id}: AtariPreprocessing resizes "
-            "the whole 210x160 screen itself); remove env.crop"
+            f"env.crop is not supported for Atari games ({cfg.id}: the whole 210x160 screen is "
+            "resized to env.image_size); remove env.crop"
         )
+
+
+def _make_atari(cfg: EnvConfig, kwargs: dict[str, Any]) -> gym.Env[np.ndarray, Any]:
+    check_atari_crop(cfg)
     # AtariPreprocessing reads the screen itself: a grayscale base skips an RGB copy per frame.
     kwargs.setdefault("obs_type", "grayscale" if cfg.grayscale else "rgb")
     base = gym.make(cfg.id, frameskip=1, **kwargs)

@@ -454,6 +454,21 @@ def test_pipeline_runs_on_envpool(tmp_path: Path) -> None:
     assert runs[0]["backend"] == "envpool"
 
 
+@needs_envpool
+def test_an_atari_crop_is_the_same_error_on_both_backends() -> None:
+    from envs import EnvConfigError
+
+    pytest.importorskip("ale_py", reason="the Gymnasium side needs worldmodel[atari]")
+    cfg = EnvConfig(id="ALE/Pong-v5", crop=Crop(top=2))
+    errors = []
+    for backend in ("gymnasium", "envpool"):
+        with pytest.raises(EnvConfigError, match=r"env\.crop is not supported .*210x160") as e:
+            make_env(cfg.model_copy(update={"backend": backend}))
+        errors.append(e.value)
+    assert [type(e) for e in errors] == [EnvConfigError, EnvConfigError]
+    assert str(errors[0]) == str(errors[1]) and "\n" not in str(errors[0])
+
+
 def test_crop_too_big_is_a_one_line_error() -> None:
     pytest.importorskip("envpool", reason="needs the fast extra: pip install 'worldmodel[fast]'")
     from envs import EnvConfigError, make_vec_env
