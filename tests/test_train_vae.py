@@ -166,7 +166,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(dataset: Path, tmp_path: Path) -> None:
     out = train_vae.run(_cfg("vae.steps=4"), dataset, tmp_path / "run")
-    with pytest.raises(UserError, match="pass --resume to continue it or pick another --out"):
+    with pytest.raises(UserError, match="pass --resume to continue it, or pick another --out"):
         train_vae.run(_cfg("vae.steps=4"), dataset, out)
     with pytest.raises(UserError, match=r"other settings \(vae.lr: 0.001 -> 0.01\)"):
         train_vae.run(_cfg("vae.steps=4", "vae.lr=0.01"), dataset, out, resume=True)
@@ -196,7 +196,7 @@ def test_resume_refuses_a_dataset_whose_validation_episodes_changed(
 
 
 def test_resume_without_a_checkpoint_is_an_error(dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"nothing to resume: .* has no last.pt"):
+    with pytest.raises(UserError, match=r"nothing to resume: .* holds no vae run"):
         train_vae.run(_cfg("vae.steps=4"), dataset, tmp_path / "run", resume=True)
     # What a kill between best.pt and the first last.pt leaves: a fresh run starts over.
     (tmp_path / "run").mkdir()
@@ -335,8 +335,8 @@ def test_cli_end_to_end_in_a_subprocess(dataset: Path, tmp_path: Path) -> None:
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
-        f"worldmodel train-vae: error: {out} already holds a VAE run (last.pt/best.pt); pass "
-        "--resume to continue it or pick another --out"
+        f"worldmodel train-vae: error: {out} already holds a finished vae run; pass "
+        "--resume to continue it, or pick another --out"
     ]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from envs.config import EnvConfig, Section
+from envs.config import BUDGET, RUNTIME, EnvConfig, Section
 from worldmodel.errors import ConfigError
 from worldmodel.io import atomic_write_text
 
@@ -33,11 +33,21 @@ Device = Literal["auto", "cpu", "cuda"]
 class CollectConfig(Section):
     """``worldmodel collect``: how rollouts are gathered into a dataset."""
 
-    episodes: int | None = Field(100, ge=1, description="Episodes to collect.")
-    frames: int | None = Field(
-        None, ge=1, description="Alternatively, collect whole episodes until this many frames."
+    episodes: int | None = Field(
+        100, ge=1,
+        json_schema_extra=BUDGET,
+        description="Episodes to collect.",
     )
-    workers: int = Field(2, ge=1, description="Parallel worker processes (or Ray tasks).")
+    frames: int | None = Field(
+        None, ge=1,
+        json_schema_extra=BUDGET,
+        description="Alternatively, collect whole episodes until this many frames."
+    )
+    workers: int = Field(
+        2, ge=1,
+        json_schema_extra=RUNTIME,
+        description="Parallel worker processes (or Ray tasks).",
+    )
     policy: str = Field(
         "random",
         description="random | brownian (temporally correlated, World Models' CarRacing "
@@ -52,12 +62,15 @@ class CollectConfig(Section):
         "EnvPool's batched threads in one process."
     )
     ray_address: str | None = Field(
-        None, description="Ray cluster address (null: start a local Ray)."
+        None,
+        json_schema_extra=RUNTIME,
+        description="Ray cluster address (null: start a local Ray)."
     )
     chunk_frames: int = Field(256, ge=1, description="Frames per zarr chunk along time.")
     commit_seconds: float = Field(
         2.0,
         ge=0.0,
+        json_schema_extra=RUNTIME,
         description="Each worker commits its finished episodes at least this often (0: after "
         "every episode); an episode is visible, and survives a crash, once committed.",
     )
@@ -101,7 +114,9 @@ class DataConfig(Section):
         512 * 2**20, ge=2**20, description="Memory budget for decompressed frames in the loader."
     )
     loader_workers: int = Field(
-        1, ge=0, description="Threads that decompress chunks ahead of the trainer (0: inline)."
+        1, ge=0,
+        json_schema_extra=RUNTIME,
+        description="Threads that decompress chunks ahead of the trainer (0: inline)."
     )
 
 
@@ -136,8 +151,16 @@ class VAEConfig(Section):
     recon_loss: Literal["mse", "bce"] = Field("mse", description="Reconstruction loss.")
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate.")
     batch_size: int = Field(64, ge=1)
-    steps: int | None = Field(2000, ge=1, description="Optimizer steps (or set epochs).")
-    epochs: int | None = Field(None, ge=1, description="Passes over the training frames.")
+    steps: int | None = Field(
+        2000, ge=1,
+        json_schema_extra=BUDGET,
+        description="Optimizer steps (or set epochs).",
+    )
+    epochs: int | None = Field(
+        None, ge=1,
+        json_schema_extra=BUDGET,
+        description="Passes over the training frames.",
+    )
     val_every: int = Field(
         250, ge=1, description="Validate (metrics, best.pt, last.pt) every N steps and at the end."
     )
@@ -151,9 +174,17 @@ class VAEConfig(Section):
         "(linear probe, KNN-MSE) on datasets with a true state; 0 turns them off.",
     )
     knn_k: int = Field(5, ge=1, description="Neighbours of the KNN-MSE metric.")
-    log_every: int = Field(25, ge=1, description="Log training scalars every N steps.")
-    image_every: int = Field(500, ge=1, description="Log an image grid every N steps.")
-    device: Device = "auto"
+    log_every: int = Field(
+        25, ge=1,
+        json_schema_extra=RUNTIME,
+        description="Log training scalars every N steps.",
+    )
+    image_every: int = Field(
+        500, ge=1,
+        json_schema_extra=RUNTIME,
+        description="Log an image grid every N steps.",
+    )
+    device: Device = Field("auto", json_schema_extra=RUNTIME)
 
     @model_validator(mode="before")
     @classmethod
@@ -180,7 +211,11 @@ class AgentConfig(Section):
         "latent-finetune: the VAE encoder inside the policy, trained; random-encoder: an "
         "untrained frozen encoder (control).",
     )
-    timesteps: int = Field(100_000, ge=1, description="Env steps to train for.")
+    timesteps: int = Field(
+        100_000, ge=1,
+        json_schema_extra=BUDGET,
+        description="Env steps to train for.",
+    )
     history: int = Field(
         1, ge=1, description="Stack the last N frames (pixel) or latents (latent modes)."
     )
@@ -192,9 +227,17 @@ class AgentConfig(Section):
         default_factory=dict, description="Keyword arguments for the SB3 algorithm."
     )
     normalize_reward: bool = Field(False, description="VecNormalize the rewards only.")
-    eval_every: int = Field(10_000, ge=1, description="Evaluate every N env steps.")
+    eval_every: int = Field(
+        10_000, ge=1,
+        json_schema_extra=RUNTIME,
+        description="Evaluate every N env steps.",
+    )
     eval_episodes: int = Field(10, ge=1, description="Episodes per periodic evaluation.")
-    checkpoint_every: int = Field(25_000, ge=1, description="Save last.zip every N env steps.")
+    checkpoint_every: int = Field(
+        25_000, ge=1,
+        json_schema_extra=RUNTIME,
+        description="Save last.zip every N env steps.",
+    )
     eval_envs: int = Field(
         1,
         ge=1,
@@ -211,16 +254,18 @@ class AgentConfig(Section):
     replay_buffer_max_mb: int = Field(
         512,
         ge=0,
+        json_schema_extra=RUNTIME,
         description="Off-policy algos: save the replay buffer with last.zip (for --resume) when it "
         "takes at most this many MB; 0 never saves it.",
     )
     torch_threads: int = Field(
         1,
         ge=0,
+        json_schema_extra=RUNTIME,
         description="PyTorch intra-op CPU threads of the agent (0: leave torch's setting). 1 is "
         "fastest for small policies, batch-1 inference, and when other jobs share the cores.",
     )
-    device: Device = "auto"
+    device: Device = Field("auto", json_schema_extra=RUNTIME)
 
 
 class CompareConfig(Section):
@@ -241,8 +286,12 @@ class PipelineConfig(Section):
         min_length=1,
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    parallel: int = Field(1, ge=1, description="Agent runs trained at once.")
-    backend: Literal["process", "ray"] = "process"
+    parallel: int = Field(
+        1, ge=1,
+        json_schema_extra=RUNTIME,
+        description="Agent runs trained at once.",
+    )
+    backend: Literal["process", "ray"] = Field("process", json_schema_extra=RUNTIME)
     eval_episodes: int = Field(20, ge=1, description="Final evaluation episodes per agent.")
     visualize: bool = Field(True, description="Run the visualize stage on the VAE.")
 

@@ -15,9 +15,9 @@ atomically, ``best.pt`` (when the loss improved) before ``last.pt``, so that the
 weights, Adam state, the step, the torch RNG state (the only generator the loop draws from, for
 ``z`` samples) and the validation episode ids. The data order is a function of ``seed``, the
 epoch, ``data.cache_bytes`` and the dataset's episodes (``FrameDataset.batches``), and ``step``
-fixes the epoch and the batch within it. ``--resume`` refuses other settings that decide it
-(:data:`RUN_SECTIONS`) and another validation set (a dataset that gained or lost episodes),
-so it continues exactly where ``last.pt`` left off.
+fixes the epoch and the batch within it. ``--resume`` refuses other ``output`` settings that
+:data:`STAGE` reads (:func:`worldmodel.stages.resume_mismatches`) and another validation set (a
+dataset that gained or lost episodes), so it continues exactly where ``last.pt`` left off.
 
 Validation runs the model in eval mode (``z = mu``) on ``vae.val_frames`` frames sampled
 (seeded, once) from the held-out episodes; ``val/loss`` is the training loss with that
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from worldmodel.config import Config, flatten_dotted, load_run_config
+from envs.config import frame_keys
+from worldmodel.config import Config, load_run_config
 from worldmodel.errors import UserError
-from worldmodel.io import atomic_write_json
 from worldmodel.metrics import ACTIVE_KL_NATS
+from worldmodel.runfolder import RunFolder
+from worldmodel.stages import StageSpec, resume_mismatches
 from worldmodel.training import (
     Prefetch,
     RunLog,
@@ -73,13 +76,8 @@ log = logging.getLogger("worldmodel")
 MEAN_IMAGE_RATIO = 0.8
 #: Validation MSE above this multiple of the mean-image MSE counts as "undertrained".
 UNDERTRAINED_RATIO = 1.5
-#: Settings of RUN_SECTIONS that may change between a run and its --resume (the rest must match).
-RESUMABLE_CHANGES = frozenset({
-    "vae.steps", "vae.epochs", "vae.val_every", "vae.probe_frames",
-    "vae.knn_k", "vae.log_every", "vae.image_every", "vae.device",
-})
-#: Config keys (and sections) that decide what a VAE run computes, its split and data order.
-RUN_SECTIONS = ("seed", "env.", "vae.", "data.val_fraction", "data.cache_bytes")
+#: Files of an attempt that never wrote ``last.pt``, removed when a run starts over.
+STALE_FILES = ("metrics.jsonl", "summary.json", "best.pt", "events.*")
 IMAGES_IN_GRID = 8
 
 
@@ -159,19 +157,10 @@ def check_dataset(reader: DatasetReader, cfg: Config, data: Path) -> None:
                         data, ", ".join(f"{k}={stored[k]!r}" for k in differ))
 
 
-def resume_mismatches(old: Config, new: Config) -> list[str]:
-    """Settings that differ between a run's saved config and the one resuming it."""
-    a = flatten_dotted(old.model_dump(mode="json"))
-    b = flatten_dotted(new.model_dump(mode="json"))
-    keys = [k for k in sorted(set(a) | set(b))
-            if k.startswith(RUN_SECTIONS) and k not in RESUMABLE_CHANGES]
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-
-
-def prepare_run_dir(
-    out: Path, cfg: Config, resume: bool, val_episodes: list[int] | None = None
-) -> dict[str, Any] | None:
-    """Create or reopen the run folder; the checkpoint to resume from, or ``None``.
+def open_run(
+    out: Path, cfg: Config, resume: bool | None, val_episodes: list[int] | None = None
+) -> tuple[RunFolder, dict[str, Any] | None]:
+    """Open the run folder (:class:`~worldmodel.runfolder.RunFolder`); the checkpoint to resume.
 
     ``last.pt`` marks a run that can be resumed. A ``best.pt`` without it is what an attempt
     killed while writing its first checkpoint leaves (``best.pt`` is written first): a fresh
@@ -179,41 +168,30 @@ def prepare_run_dir(
 
     :param val_episodes: the validation episode ids of this session; a resume refuses a
         checkpoint that recorded other ones.
-    :raise UserError: a fresh run into a folder with a run, a resume without ``last.pt``, or a
-        resume with other settings or validation episodes than the run was started with.
+    :raise UserError: another kind of run or another writer in ``out``, a finished run without
+        ``--resume``, or a resume with other ``output`` settings (:data:`STAGE`) or other
+        validation episodes than the run was started with.
     """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder for the run")
-    last = out / "last.pt"
-    if last.exists() and not resume:
-        raise UserError(
-            f"{out} already holds a VAE run (last.pt/best.pt); pass --resume to continue it or "
-            "pick another --out"
-        )
-    if resume and not last.exists():
-        raise UserError(f"nothing to resume: {out} has no last.pt; drop --resume to start a "
-                        "fresh run there")
-    checkpoint = None
-    if resume:
-        differ = resume_mismatches(load_run_config(out), cfg)
-        if differ:
-            raise UserError(
-                f"cannot resume {out} with other settings ({'; '.join(differ)}); only "
-                "vae.steps/epochs and logging settings may change"
-            )
-        checkpoint = load_checkpoint(last)
-        _check_val_episodes(out, checkpoint, val_episodes)
-        log.info("resuming %s from step %d", out, checkpoint["step"])
-    else:  # a fresh start: drop what an attempt that never wrote last.pt left
-        if (out / "best.pt").exists():
-            log.info("%s: best.pt without last.pt (an attempt killed in its first checkpoint) "
-                     "is replaced by this fresh run", out)
-        for stale in ("metrics.jsonl", "summary.json", "best.pt",
-                      *(p.name for p in out.glob("events.*"))):
-            (out / stale).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    return checkpoint
+    folder = RunFolder.open(out, STAGE.kind, resume=resume, checkpoint="last.pt",
+                            stale=STALE_FILES)
+    try:
+        checkpoint = None
+        if folder.resume:
+            differ = resume_mismatches(load_run_config(out), cfg, STAGE)
+            if differ:
+                raise UserError(
+                    f"cannot resume {out} with other settings ({'; '.join(differ)}); only "
+                    "budgets (vae.steps/epochs) and runtime settings may change: restore them "
+                    "or pick another --out"
+                )
+            checkpoint = load_checkpoint(out / "last.pt")
+            _check_val_episodes(out, checkpoint, val_episodes)
+            log.info("resuming %s from step %d", out, checkpoint["step"])
+        folder.save_config(cfg)
+    except BaseException:
+        folder.close()
+        raise
+    return folder, checkpoint
 
 
 def _check_val_episodes(out: Path, checkpoint: dict[str, Any],
@@ -559,7 +537,7 @@ def log_window(s: Session, window: Window) -> dict[str, float]:
 
 
 def write_summary(s: Session, data: Path) -> dict[str, Any]:
-    """``summary.json``: the final model's validation and representation metrics, speed."""
+    """The ``summary.json`` record: the final model's validation and representation metrics."""
     warnings = (s.warnings + quality_warnings(s.last_val, s.held.mean_image_mse)
                 + _constant_state_warning(s.last_repr))
     for w in warnings:
@@ -590,21 +568,22 @@ def write_summary(s: Session, data: Path) -> dict[str, Any]:
         },
         "warnings": warnings,
     }
-    atomic_write_json(s.out / "summary.json", summary)
     return summary
 
 
-def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
+def run(cfg: Config, data: Path, out: Path, resume: bool | None = False) -> Path:
     """Train a ConvVAE on the dataset ``data`` into the run folder ``out``.
 
     :param cfg: the run config (``env`` fixes the input shape, ``vae`` everything else).
     :param data: a dataset folder written by ``worldmodel collect``.
     :param out: the run folder (see the module docstring for its files).
-    :param resume: continue from ``out/last.pt`` (``UserError`` when there is none).
+    :param resume: continue from ``out/last.pt``; ``False`` starts a run (an interrupted one
+        in ``out`` is resumed), ``None`` resumes whenever ``last.pt`` exists (see
+        :meth:`~worldmodel.runfolder.RunFolder.open`).
     :return: ``out``.
     """
     from worldmodel.dataset import open_dataset
-    from worldmodel.loaders import FrameDataset, split_episodes
+    from worldmodel.loaders import split_episodes
 
     started = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -612,7 +591,16 @@ def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
     check_dataset(reader, cfg, data)
     d = cfg.data
     val_episodes = split_episodes(reader.episode_ids, d.val_fraction, cfg.seed)[1]
-    checkpoint = prepare_run_dir(out, cfg, resume, val_episodes)
+    folder, checkpoint = open_run(out, cfg, resume, val_episodes)
+    with closing(folder):
+        return _train(cfg, data, out, reader, folder, checkpoint, val_episodes, started)
+
+
+def _train(cfg: Config, data: Path, out: Path, reader: DatasetReader, folder: RunFolder,
+           checkpoint: dict[str, Any] | None, val_episodes: list[int], started: float) -> Path:
+    from worldmodel.loaders import FrameDataset
+
+    d = cfg.data
     seed_everything(cfg.seed)
     device = resolve_device(cfg.vae.device)
     train = FrameDataset(data, "train", batch_size=cfg.vae.batch_size, seed=cfg.seed,
@@ -646,6 +634,8 @@ def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
             s.last_repr = representation(model, cfg, held)
         s.update_wall()
         summary = write_summary(s, data)
+        folder.save_summary(summary)
+        folder.finish()
     finally:
         logger.close()
     rep = summary["representation"]
@@ -654,3 +644,17 @@ def run(cfg: Config, data: Path, out: Path, resume: bool = False) -> Path:
              summary["val_mse_per_pixel"], summary["val_kl"], summary["active_units"], probe,
              summary["frames_per_second"])
     return out
+
+
+def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
+    return run(cfg, inputs["collect"], out, resume=resume)
+
+
+#: ``train-vae`` reads the frames' env settings, ``vae`` and ``data``; it needs a dataset.
+STAGE = StageSpec(
+    "train-vae", "vae",
+    reads=("seed", "vae", "data", *(f"env.{k}" for k in sorted(frame_keys()))),
+    needs=("collect",),
+    run=_run_stage,
+    folder="vae",
+)
