@@ -33,7 +33,7 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import Logger, make_output_format
+from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat, make_output_format
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
@@ -60,6 +60,8 @@ from worldmodel.io import (
     read_json,
     read_jsonl,
 )
+from worldmodel.runfolder import RunFolder
+from worldmodel.stages import StageSpec, resume_mismatches
 from worldmodel.utils import progress_enabled, seed_everything
 
 if TYPE_CHECKING:
@@ -68,11 +70,6 @@ if TYPE_CHECKING:
     from worldmodel.config import Config
 
 log = logging.getLogger("worldmodel")
-
-#: Settings that may change between a run and its ``--resume`` (budgets and cadences).
-RESUMABLE = {"timesteps", "eval_every", "eval_episodes", "checkpoint_every", "device",
-             "replay_buffer_max_mb"}
-
 
 class Clock:
     """Training wall-clock time with pauses (evaluations, checkpoints), across sessions.
@@ -296,50 +293,56 @@ def check_action_space(algo: str, space: spaces.Space[Any], env_id: str) -> None
         )
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+#: Files of an attempt killed before its first ``last.zip``, removed when the run starts over.
+STALE_FILES = (
+    "evaluations.jsonl", "train_state.json", "summary.json", "eval.json", "best_model.zip",
+    "vecnormalize.pkl", "replay_buffer.pkl", "vae.json", "random_encoder.pt", "progress*.csv",
+    "events.*",
+)
 
 
-def _check_run_dir(cfg: Config, out: Path, resume: bool) -> None:
-    """Fresh runs need an empty folder; resumed ones a checkpoint and the same settings."""
+def open_run(cfg: Config, out: Path, resume: bool | None) -> RunFolder:
+    """Open the agent run folder (a :class:`~worldmodel.runfolder.RunFolder` on ``last.zip``).
+
+    A resumed run refuses other ``output`` settings than the ones it was started with
+    (:func:`worldmodel.stages.resume_mismatches` over :data:`STAGE`); budgets and runtime
+    settings may change.
+    """
     from worldmodel.config import load_run_config
 
-    has_checkpoint = any((out / f).exists() for f in ("last.zip", "best_model.zip"))
-    if not resume:
-        if has_checkpoint:
-            raise UserError(
-                f"{out} already holds a trained agent; pass --resume to continue it, or choose "
-                "another --out"
-            )
-        for stale in ("evaluations.jsonl", "train_state.json", "summary.json", "eval.json"):
-            (out / stale).unlink(missing_ok=True)  # from a run that died before its checkpoint
-        return
-    if not (out / "last.zip").is_file():
-        raise UserError(f"nothing to resume: {out} has no last.zip; drop --resume to start")
-    saved = load_run_config(out).model_dump(mode="json")
-    now = cfg.model_dump(mode="json")
-    keep = {k: v for k, v in now.items() if k in ("seed", "env", "agent")}
-    old, new = _flat({k: saved[k] for k in keep}), _flat(keep)
-    changed = sorted(
-        k for k in old.keys() | new.keys()
-        if old.get(k) != new.get(k) and k.removeprefix("agent.") not in RESUMABLE
-    )
-    if changed:
-        raise UserError(
-            f"--resume: these settings differ from {out}/config.yaml: {', '.join(changed)}; "
-            f"resume with --config {out}/config.yaml (only budgets and cadences may change)"
-        )
+    folder = RunFolder.open(out, STAGE.kind, resume=resume, checkpoint="last.zip",
+                            stale=STALE_FILES)
+    try:
+        if folder.resume:
+            changed = resume_mismatches(load_run_config(out), cfg, STAGE)
+            if changed:
+                raise UserError(
+                    f"--resume: these settings differ from {out}/config.yaml: "
+                    f"{'; '.join(changed)}; resume with --config {out}/config.yaml (only "
+                    "budgets and runtime settings may change) or pick another --out"
+                )
+    except BaseException:
+        folder.close()
+        raise
+    return folder
 
 
-def _logger(out: Path, session: int) -> Logger:
-    formats = ["csv", "tensorboard"] + (["stdout"] if progress_enabled() else [])
+class _TensorBoard(TensorBoardOutputFormat):
+    """SB3's TensorBoard output, hiding the steps >= ``purge_step`` an interrupted session wrote."""
+
+    def __init__(self, folder: str, purge_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
+        self._is_closed = False
+
+
+def _logger(out: Path, session: int, purge_step: int | None) -> Logger:
+    """SB3's logger: ``progress[_n].csv``, TensorBoard (from ``purge_step`` on), stdout."""
+    formats = ["csv"] + (["stdout"] if progress_enabled() else [])
     suffix = "" if session == 0 else f"_{session}"
-    return Logger(str(out), [make_output_format(f, str(out), suffix) for f in formats])
+    outputs = [make_output_format(f, str(out), suffix) for f in formats]
+    return Logger(str(out), [*outputs, _TensorBoard(str(out), purge_step)])
 
 
 def _build_model(
@@ -396,7 +399,7 @@ def _read_state(out: Path) -> dict[str, Any]:
     return state
 
 
-def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool = False) -> Path:
+def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool | None = False) -> Path:
     """Train an agent as ``cfg.agent`` says; see the module docstring for the run folder.
 
     :param cfg: the resolved config.
@@ -405,14 +408,20 @@ def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool = False) -
         where it only decides the architecture).
     :param resume: continue from ``out/last.zip`` (the step count goes on; a session that
         trains further moves ``eval.json``, which described the agent before it, to
-        ``eval.previous.json``).
+        ``eval.previous.json``). ``False`` starts a run, but resumes one that was interrupted
+        after its first checkpoint; ``None`` resumes whenever there is a checkpoint.
     :return: ``out``.
     """
     out = Path(out)
-    _check_run_dir(cfg, out, resume)
     algo = algo_class(cfg.agent.algo)
     parse_hyperparams(cfg.agent.hyperparams, algo)  # fail fast, before envs are built
-    out.mkdir(parents=True, exist_ok=True)
+    with open_run(cfg, out, resume) as folder:
+        _run(cfg, out, vae, folder)
+    return out
+
+
+def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder) -> None:
+    resume = folder.resume
     seed_everything(cfg.seed)
     device = agent_device(cfg)
     if resume:
@@ -421,7 +430,7 @@ def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool = False) -
             log.warning("--resume uses the recorded VAE %s, not --vae %s", record["path"], vae)
     else:
         encoder, record = prepare_encoder(cfg, vae, out)
-    cfg.save(out / "config.yaml")
+    folder.save_config(cfg)
     gamma = float(cfg.agent.hyperparams.get("gamma", 0.99))
     env = make_agent_env(cfg, encoder, n_envs=cfg.env.n_envs, seed=cfg.seed, gamma=gamma,
                          normalize_from=out / "vecnormalize.pkl" if resume else None)
@@ -431,7 +440,10 @@ def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool = False) -
         eval_env = make_agent_env(cfg, encoder, n_envs=cfg.agent.eval_envs,
                                   seed=cfg.seed + EVAL_SEED_OFFSET, training=False, gamma=gamma)
         model = _build_model(cfg, out, env, record, resume, device)
-        return _train(cfg, out, model, eval_env, record, resume)
+        summary = _train(cfg, out, model, eval_env, record, resume)
+        if summary is not None:
+            folder.save_summary(summary)
+        folder.finish()
     finally:
         env.close()
         if eval_env is not None:
@@ -445,10 +457,11 @@ def _train(
     eval_env: VecEnv,
     record: dict[str, Any] | None,
     resume: bool,
-) -> Path:
+) -> dict[str, Any] | None:
+    """Train to ``agent.timesteps``, evaluate, checkpoint; the summary (``None``: nothing to do)."""
     state = _read_state(out) if resume else {}
     session = len(list(out.glob("progress*.csv"))) if resume else 0
-    model.set_logger(_logger(out, session))
+    model.set_logger(_logger(out, session, model.num_timesteps + 1 if resume else None))
     if resume:  # last.zip and train_state.json are two writes: a crash can leave either older
         _trim_evaluations(out, min(state.get("timesteps", 0), model.num_timesteps))
     clock = Clock(state.get("wall_seconds", 0.0), state.get("elapsed_seconds", 0.0))
@@ -477,7 +490,7 @@ def _train(
             raise
     if remaining <= 0 and (out / "summary.json").is_file():
         log.info("%s already trained %d env steps; nothing to do", out, model.num_timesteps)
-        return out
+        return None
     if remaining <= 0:
         evaluator.init_callback(model)
     last = evaluator.last_record
@@ -503,5 +516,20 @@ def _train(
             k: record.get(k) for k in ("kind", "path", "checkpoint", "weights_hash")
         },
     }
-    atomic_write_json(out / "summary.json", summary)
-    return out
+    return summary
+
+
+def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
+    return run(cfg, out, vae=inputs.get("train-vae"), resume=resume)
+
+
+#: ``train-agent`` reads ``seed``, ``env`` and ``agent``; the VAE run (for the modes that
+#: have an encoder) is an input whose key the pipeline adds (see ``agents.modes``).
+STAGE = StageSpec(
+    "train-agent", "agent",
+    reads=("seed", "env", "agent"),
+    needs=("train-vae",),
+    run=_run_stage,
+    folder="agents",
+    parallel=True,
+)
