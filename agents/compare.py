@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,21 +23,18 @@ from typing import Any
 import numpy as np
 
 from agents.modes import report_rank
-from worldmodel.config import CompareConfig, Config, flatten_dotted, load_run_config
+from agents.train import STAGE as TRAIN_STAGE
+from worldmodel.config import CompareConfig, Config, load_run_config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from worldmodel.runfolder import RunFolder, require_kind
+from worldmodel.stages import StageSpec, defining_keys
+from worldmodel.stages import settings as stage_settings
 
 log = logging.getLogger(__name__)
 
 RANDOM = "random policy"
 METRICS = ("IQM", "mean", "median")
-#: Config keys that never define a group (they differ between seeds or do not affect training).
-IGNORED_KEYS = (
-    "seed", "pipeline.", "compare.", "data.", "collect.", "env.vec_env", "agent.device",
-    "agent.torch_threads", "agent.checkpoint_every", "agent.replay_buffer_max_mb", "vae.device",
-)
-
-
 @dataclass
 class AgentRun:
     """What compare needs from one agent run folder.
@@ -128,9 +125,11 @@ def load_agent_run(path: Path) -> AgentRun:
 
 
 def _run_settings(run: AgentRun) -> dict[str, Any]:
-    """The run's config as ``{dotted.key: repr(value)}``, plus ``vae`` for a trained encoder."""
-    settings = {key: repr(value)
-                for key, value in flatten_dotted(run.config.model_dump(mode="json")).items()}
+    """The run's settings as ``{dotted.key: repr(value)}``, plus ``vae`` for a trained encoder."""
+    keys = defining_keys(TRAIN_STAGE)
+    settings = {key: repr(value) for key, value in
+                stage_settings(run.config, StageSpec("", "", tuple(keys)), "output", "budget",
+                               "runtime").items()}
     if run.vae and run.vae.get("kind") == "vae" and run.vae.get("weights_hash"):
         settings["vae"] = str(run.vae["weights_hash"])[:12]
     return settings
@@ -156,11 +155,10 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
             f"{', '.join(greedy)}): re-run `worldmodel evaluate` on them with the same flag"
         )
     flat = [_run_settings(r) for r in runs]
-    keys = sorted({k for f in flat for k in f})
+    defining = [*defining_keys(TRAIN_STAGE), "vae"]
     differing = [
-        k for k in keys
-        if len({f[k] for f in flat if k in f}) > 1 and not k.startswith(IGNORED_KEYS)
-        and k != "agent.obs_mode"
+        k for k in defining
+        if len({f[k] for f in flat if k in f}) > 1 and k != "agent.obs_mode"
     ]
     groups: dict[str, Group] = {}
     for run, f in zip(runs, flat, strict=True):
@@ -520,13 +518,28 @@ def run(runs: Sequence[Path], out: Path, cfg: CompareConfig) -> Path:
     """
     if not runs:
         raise UserError("give at least one agent run folder to compare")
-    agent_runs = [load_agent_run(Path(p)) for p in runs]
+    agent_runs = [load_agent_run(require_kind(Path(p), "agent", "agent run")) for p in runs]
     groups = group_runs(agent_runs)
     first = agent_runs[0]
     seed = first.eval_seed if first.eval_seed is not None else first.config.seed + 1000
-    log.info("random baseline: %d episodes on %s", cfg.random_episodes, first.config.env.id)
-    baseline = random_baseline(first.config, cfg.random_episodes, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(out, groups, baseline, cfg)
+    with RunFolder.open(Path(out), STAGE.kind) as folder:
+        log.info("random baseline: %d episodes on %s", cfg.random_episodes, first.config.env.id)
+        baseline = random_baseline(first.config, cfg.random_episodes, seed)
+        write_report(out, groups, baseline, cfg)
+        folder.finish()
     log.info("report: %s", out / "report.md")
     return out
+
+
+def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
+    return run(list(inputs["evaluate"]), out, cfg.compare)
+
+
+#: ``compare`` reads ``compare`` and every evaluated agent run.
+STAGE = StageSpec(
+    "compare", "report",
+    reads=("compare",),
+    needs=("evaluate",),
+    run=_run_stage,
+    folder="report",
+)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +28,8 @@ from agents.wrapping import EVAL_SEED_OFFSET, VecFrameRecorder, find_wrapper, ma
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json
 from worldmodel.media import write_video
+from worldmodel.runfolder import LOCK_FILE, FolderLock, require_kind
+from worldmodel.stages import StageSpec
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -136,11 +138,21 @@ def run(
         (``best_model.zip``, chosen on the periodic evaluations: optimistic).
     :return: the path of ``eval.json``.
     """
-    from worldmodel.config import load_run_config
-
-    run = Path(run)
+    run = require_kind(Path(run), "agent", "agent run")
     if episodes < 1:
         raise UserError(f"--episodes must be >= 1, got {episodes}")
+    lock = FolderLock(run / LOCK_FILE)  # not while train-agent (or another evaluate) writes it
+    lock.acquire(f"agent run {run}")
+    try:
+        return _evaluate(run, episodes, video, deterministic, seed, checkpoint)
+    finally:
+        lock.release()
+
+
+def _evaluate(run: Path, episodes: int, video: bool, deterministic: bool | None,
+              seed: int | None, checkpoint: Literal["last", "best"]) -> Path:
+    from worldmodel.config import load_run_config
+
     cfg = load_run_config(run)
     if deterministic is None:
         deterministic = cfg.agent.eval_deterministic
@@ -200,3 +212,19 @@ def _video(
         "return": float(episode.get("r", np.nan)),
         "length": int(episode.get("l", len(frames))),
     }
+
+
+def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
+    run(out, episodes=cfg.pipeline.eval_episodes, deterministic=cfg.agent.eval_deterministic)
+    return out
+
+
+#: ``evaluate`` scores each agent run once more (``pipeline.eval_episodes`` episodes).
+STAGE = StageSpec(
+    "evaluate", "agent",
+    reads=("pipeline.eval_episodes", "agent.eval_deterministic"),
+    needs=("train-agent",),
+    run=_run_stage,
+    parallel=True,
+    per_run=True,
+)

@@ -61,7 +61,7 @@ from worldmodel.io import (
     read_jsonl,
 )
 from worldmodel.runfolder import RunFolder
-from worldmodel.stages import StageSpec, resume_mismatches
+from worldmodel.stages import StageSpec, Variant, resume_mismatches
 from worldmodel.utils import progress_enabled, seed_everything
 
 if TYPE_CHECKING:
@@ -523,6 +523,39 @@ def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool |
     return run(cfg, out, vae=inputs.get("train-vae"), resume=resume)
 
 
+def agent_config(cfg: Config, mode: str, seed: int) -> Config:
+    """The config of one agent run of the pipeline: ``cfg`` with its obs mode and seed."""
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.agent.obs_mode = mode
+    run_cfg.seed = seed
+    return run_cfg
+
+
+#: The ``vae`` settings that ``build_vae`` reads: what an untrained encoder borrows of a VAE run.
+VAE_ARCHITECTURE = ("vae.latent_dim", "vae.widths", "vae.decoder", "vae.broadcast_size")
+
+
+def arms(cfg: Config) -> list[Variant]:
+    """The pipeline's agent runs: one per ``pipeline.obs_modes`` x ``pipeline.seeds``.
+
+    What each run reads follows its mode's row (:mod:`agents.modes`): modes with an encoder
+    get the VAE run; only those that use its trained weights depend on its key, the others on
+    its architecture (:data:`VAE_ARCHITECTURE`).
+    """
+    from agents.modes import get_mode
+
+    out = []
+    for name in cfg.pipeline.obs_modes:
+        mode = get_mode(name, "pipeline.obs_modes")
+        needs = ("train-vae",) if mode.needs_vae_run else ()
+        keyed = needs if mode.uses_vae_weights else ()
+        reads = VAE_ARCHITECTURE if mode.needs_vae_run and not mode.uses_vae_weights else ()
+        for seed in cfg.pipeline.seeds:
+            out.append(Variant(f"{name}__seed{seed}", agent_config(cfg, name, seed), needs,
+                               keyed, reads))
+    return out
+
+
 #: ``train-agent`` reads ``seed``, ``env`` and ``agent``; the VAE run (for the modes that
 #: have an encoder) is an input whose key the pipeline adds (see ``agents.modes``).
 STAGE = StageSpec(
@@ -532,4 +565,5 @@ STAGE = StageSpec(
     run=_run_stage,
     folder="agents",
     parallel=True,
+    variants=arms,
 )

@@ -49,7 +49,6 @@ def test_override_does_not_mutate_input() -> None:
         ("env.crop.middle=1", "env.crop.middle: unknown key; valid keys: top, bottom, left, right"),
         ("vae.lr=abc", "vae.lr: input should be a valid number"),
         ("vae.lr=-1", "vae.lr: input should be greater than 0 (got -1)"),
-        ("agent.obs_mode=telepathy", "agent.obs_mode: input should be 'pixel'"),
         ("collect.policy=greedy", "collect.policy: must be random, brownian or agent:PATH"),
         ("vae", "expected dotted.key=value"),
     ],

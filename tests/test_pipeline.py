@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from agents.train import agent_config
 from worldmodel.config import resolve_config
-from worldmodel.pipeline import agent_config, stage_key
+from worldmodel.pipeline import plan
 
 TINY = [
     "collect.episodes=4", "env.max_episode_steps=30", "env.n_envs=2",
@@ -38,8 +39,12 @@ def pipeline(out: Path, *extra: str, wait: bool = True) -> subprocess.CompletedP
     return result
 
 
-def stamp(path: Path) -> dict[str, object]:
-    return json.loads(path.with_name(f".{path.name}.done.json").read_text())
+STAGE_OF = {"data": "collect", "vae": "train-vae", "report": "compare"}
+
+
+def stamp(path: Path, stage: str | None = None) -> dict[str, object]:
+    name = stage or STAGE_OF[path.name]
+    return json.loads(path.with_name(f".{path.name}.{name}.done.json").read_text())
 
 
 def test_end_to_end_then_cached_then_partial_rerun(tmp_path: Path) -> None:
@@ -66,32 +71,52 @@ def test_end_to_end_then_cached_then_partial_rerun(tmp_path: Path) -> None:
     second = pipeline(out)
     for name in ("collect", "train-vae", "compare", "visualize"):
         assert f"[pipeline] {name}: up to date, skipped" in second.stderr
-    assert "agents: 0 to train, 4 up to date" in second.stderr
+    assert "train-agent: 0 to run, 4 up to date" in second.stderr
     assert {name: stamp(out / name)["finished"] for name in finished} == finished
 
+    # Runtime settings rerun nothing (they were part of the collect key before).
+    runtime = pipeline(out, "collect.workers=1", "collect.commit_seconds=0", "env.vec_env=subproc",
+                       "agent.torch_threads=2", "data.loader_workers=0", "pipeline.parallel=2")
+    assert "train-agent: 0 to run, 4 up to date" in runtime.stderr
+    assert "[pipeline] collect: up to date, skipped" in runtime.stderr
+
     # A VAE setting changed: the VAE and the latent agents rerun; data and pixel agents do not.
-    third = pipeline(out, "vae.steps=12")
+    third = pipeline(out, "vae.lr=0.002")
     assert "[pipeline] collect: up to date, skipped" in third.stderr
     assert "[pipeline] train-vae: running" in third.stderr
-    assert "agents: 2 to train, 2 up to date" in third.stderr
-    assert json.loads((out / "vae" / "summary.json").read_text())["steps"] == 12
+    assert "train-agent: 2 to run, 2 up to date" in third.stderr
     assert (out / "vae.previous" / "summary.json").is_file()  # the old output is kept once
     assert stamp(out / "data")["finished"] == finished["data"]
 
+    # A grown budget extends the VAE run instead of starting it over.
+    fourth = pipeline(out, "vae.lr=0.002", "vae.steps=12")
+    assert "[pipeline] train-vae: running" in fourth.stderr
+    assert "resuming" in fourth.stderr
+    assert json.loads((out / "vae" / "summary.json").read_text())["steps"] == 12
+
+
+def _keys(cfg_items: list[str]) -> dict[str, str]:
+    return {f"{r.stage} {r.folder}": r.key for r in plan(resolve_config(None, cfg_items))}
+
 
 def test_agent_keys_follow_what_each_mode_reads() -> None:
+    modes = "pipeline.obs_modes=[pixel,latent,random-encoder]"
+    base = _keys([*TINY, modes])
+    lr = _keys([*TINY, modes, "vae.lr=0.01"])  # the VAE's weights change
+    width = _keys([*TINY, modes, "vae.latent_dim=4"])  # ... and its architecture
+    for seed in (0, 1):
+        pixel, latent, rand = (f"train-agent agents/{m}__seed{seed}"
+                               for m in ("pixel", "latent", "random-encoder"))
+        assert base[pixel] == lr[pixel] == width[pixel]  # pixel agents read no VAE
+        assert base[latent] != lr[latent] and base[latent] != width[latent]
+        assert base[rand] == lr[rand] != width[rand]  # only the architecture is borrowed
     cfg = resolve_config(None, TINY)
-    changed = resolve_config(None, [*TINY, "vae.lr=0.01"])
-    for mode, depends_on_vae in (("pixel", False), ("latent", True), ("random-encoder", True)):
-        a = stage_key(agent_config(cfg, mode, 0), ("seed", "env", "agent", "vae"))
-        b = stage_key(agent_config(changed, mode, 0), ("seed", "env", "agent", "vae"))
-        assert (a != b) == depends_on_vae or mode == "pixel"
     assert agent_config(cfg, "pixel", 3).seed == 3 and cfg.seed == 0
-    # logging cadence and devices change no result: they leave every key as it was
-    cosmetic = resolve_config(None, [*TINY, "vae.log_every=7", "data.loader_workers=3",
-                                     "agent.torch_threads=2"])
-    for sections in (("seed", "vae", "data"), ("seed", "env", "agent", "vae")):
-        assert stage_key(cosmetic, sections) == stage_key(cfg, sections)
+    # logging cadence, devices and parallelism change no result: every key stays
+    cosmetic = _keys([*TINY, modes, "vae.log_every=7", "data.loader_workers=3",
+                      "agent.torch_threads=2", "collect.workers=1", "env.vec_env=subproc",
+                      "agent.replay_buffer_max_mb=1", "pipeline.parallel=2"])
+    assert cosmetic == base
 
 
 def test_resume_after_a_killed_stage(tmp_path: Path) -> None:
@@ -107,7 +132,7 @@ def test_resume_after_a_killed_stage(tmp_path: Path) -> None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / ".vae.done.json").exists()
+    assert not (out / ".vae.train-vae.done.json").exists()
     data_finished = stamp(out / "data")["finished"]
 
     result = pipeline(out, *SLOW_VAE)

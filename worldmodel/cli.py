@@ -34,9 +34,11 @@ def _stage(module: str, issue: int) -> ModuleType:
 
 def _config(args: argparse.Namespace, *, builds_env: bool = False) -> Any:
     """The resolved config; with ``builds_env``, also fail fast on an unknown env id."""
+    from agents.modes import check_modes
     from worldmodel.config import resolve_config
 
     cfg = resolve_config(args.config, args.set or [])
+    check_modes(cfg)
     if builds_env and cfg.env.backend == "gymnasium":
         from envs import check_env_id
 

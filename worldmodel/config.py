@@ -26,7 +26,9 @@ from envs.config import BUDGET, RUNTIME, EnvConfig, Section
 from worldmodel.errors import ConfigError
 from worldmodel.io import atomic_write_text
 
-ObsMode = Literal["pixel", "latent", "latent-finetune", "random-encoder"]
+#: An ``agent.obs_mode`` name. The modes are a table in ``agents/modes.py`` (a layer above this
+#: one), which the CLI and the pipeline check a config against (``agents.modes.check_modes``).
+ObsMode = str
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -282,10 +284,13 @@ class PipelineConfig(Section):
     """``worldmodel pipeline``: collect -> train-vae -> train-agent -> evaluate -> compare."""
 
     obs_modes: list[ObsMode] = Field(
-        default_factory=lambda: list[ObsMode](["pixel", "latent", "random-encoder"]),
+        default_factory=lambda: ["pixel", "latent", "random-encoder"],
         min_length=1,
+        description="Observation modes to train (the rows of agents/modes.py), one arm each.",
     )
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds of every arm."
+    )
     parallel: int = Field(
         1, ge=1,
         json_schema_extra=RUNTIME,

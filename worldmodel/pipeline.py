@@ -1,20 +1,28 @@
-"""``worldmodel pipeline``: collect -> train-vae -> train-agent -> evaluate -> compare -> visualize.
+"""``worldmodel pipeline``: every stage of :data:`REGISTRY`, in order, into one folder.
 
-Each stage writes its own sub-folder of the pipeline folder::
+Each stage writes its own sub-folder of the pipeline folder (its ``StageSpec.folder``)::
 
     OUT/config.yaml                  the resolved pipeline config
     OUT/data/                        collect
     OUT/vae/                         train-vae
-    OUT/agents/{obs_mode}__seed{s}/  train-agent, then evaluate (eval.json)
+    OUT/agents/{obs_mode}__seed{s}/  train-agent (one run per arm and seed), then evaluate
     OUT/report/                      compare (report.md, report.json, plots)
-    OUT/visualize/                   visualize (the VAE's pictures)
+    OUT/visualize/                   visualize (the VAE's pictures), when pipeline.visualize
 
-Caching: a stage's key hashes the config sections it reads plus the keys of the stages it reads
-from. A finished stage gets a stamp ``.NAME.done.json`` beside its folder with its key;
-re-running skips it when the key is unchanged. A changed key reruns that stage and, through the
-chained keys, every stage after it (the stale output is kept once as ``NAME.previous``). A stage
-that was interrupted has only ``.NAME.started.json`` with its key, and resumes from its
-checkpoints.
+The pipeline knows no stage by name: it iterates :data:`REGISTRY` and reads each
+:class:`~worldmodel.stages.StageSpec` (what it reads, which stages it needs, how many runs it
+has, whether they run in parallel). Adding a stage is one module with its ``STAGE``, one entry
+here and one config section (``docs/architecture.md``).
+
+Caching: a run's key (:func:`~worldmodel.stages.stage_key`) hashes the ``output`` and
+``budget`` settings its stage reads and the keys of the runs it reads. A finished run gets a
+stamp ``.FOLDER.STAGE.done.json`` beside its folder; re-running skips it while the key is
+unchanged. When only budgets grew (more steps, more episodes) the run is resumed and extended;
+any other change reruns it and, through the chained keys, every run after it (the stale output
+is kept once as ``FOLDER.previous``). A run that was interrupted has only
+``.FOLDER.STAGE.started.json`` and resumes from its checkpoints. Worker processes die with the
+pipeline's main process (and every run folder is locked by the stage writing it), so a pipeline
+killed at any moment can be started again at once with the same command.
 
 This module sits on top with the CLI: it is the only core module that calls into ``agents``.
 """
@@ -26,237 +34,279 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from worldmodel.config import Config, ObsMode
+from agents import compare, evaluate, train
+from agents.modes import check_modes
+from worldmodel import collect, train_vae, visualize
+from worldmodel.config import Config, validate_config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json, read_json
+from worldmodel.runfolder import RunFolder
+from worldmodel.stages import StageSpec, budget_grew, settings, stage_key
 
 log = logging.getLogger(__name__)
 
-#: Modes whose agents read the trained VAE (random-encoder only borrows its architecture).
-USES_VAE_WEIGHTS = ("latent", "latent-finetune")
+#: The stages of the pipeline, in the order they run (each one's ``needs`` come before it).
+REGISTRY: tuple[StageSpec, ...] = (
+    collect.STAGE,
+    train_vae.STAGE,
+    train.STAGE,
+    evaluate.STAGE,
+    compare.STAGE,
+    visualize.STAGE,
+)
 
 
-#: Settings that change how a stage runs or logs, never what it produces: not part of stage keys.
-NOT_IN_KEYS = {
-    "vae": ("log_every", "image_every", "device"),
-    "data": ("loader_workers",),
-    "agent": ("device", "torch_threads", "checkpoint_every"),
-}
-
-
-def stage_key(cfg: Config, sections: tuple[str, ...], *parents: str) -> str:
-    """Hash of the config sections a stage reads and the keys of the stages it reads from.
-
-    Settings in :data:`NOT_IN_KEYS` are left out, so changing them reruns nothing.
-    """
-    data = cfg.model_dump(mode="json", include=set(sections))
-    for section, keys in NOT_IN_KEYS.items():
-        for key in keys:
-            data.get(section, {}).pop(key, None)
-    text = json.dumps([data, list(parents)], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _stamp(folder: Path, state: str) -> Path:
-    """The stamp file beside a stage folder (stages own their folders; stamps stay outside)."""
-    return folder.with_name(f".{folder.name}.{state}.json")
-
-
-def _stamped_key(path: Path) -> str | None:
-    try:
-        return str(read_json(path).get("key"))
-    except (OSError, ValueError):
-        return None
-
-
-def is_done(folder: Path, key: str) -> bool:
-    """Whether ``folder`` holds a finished stage with this key."""
-    return _stamped_key(_stamp(folder, "done")) == key
-
-
-def mark_done(folder: Path, key: str, stage: str, seconds: float) -> None:
-    """Record that the stage in ``folder`` finished with ``key``."""
-    atomic_write_json(_stamp(folder, "done"), {
-        "stage": stage, "key": key, "seconds": round(seconds, 1),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })
-    _stamp(folder, "started").unlink(missing_ok=True)
-
-
-def prepare(folder: Path, key: str) -> bool:
-    """Get ``folder`` ready for a stage with ``key``; return ``True`` when it is already done.
-
-    Output of the same key that was interrupted is left in place to resume. Output of another
-    key (the config changed) is moved aside to ``NAME.previous``, replacing an older backup.
-    """
-    if is_done(folder, key):
-        return True
-    keys = {_stamped_key(_stamp(folder, "done")), _stamped_key(_stamp(folder, "started"))} - {None}
-    if folder.exists() and (keys - {key} or (not keys and any(folder.iterdir()))):
-        backup = folder.with_name(folder.name + ".previous")
-        shutil.rmtree(backup, ignore_errors=True)
-        folder.rename(backup)
-        log.info("%s: settings changed, previous output moved to %s", folder.name, backup.name)
-    _stamp(folder, "done").unlink(missing_ok=True)
-    atomic_write_json(_stamp(folder, "started"), {"key": key})
-    return False
-
-
-def _run_stage(folder: Path, key: str, name: str, work: Callable[[], Any]) -> None:
-    if prepare(folder, key):
-        log.info("[pipeline] %s: up to date, skipped", name)
-        return
-    log.info("[pipeline] %s: running -> %s", name, folder)
-    start = time.perf_counter()
-    work()
-    mark_done(folder, key, name, time.perf_counter() - start)
+def get_stage(name: str) -> StageSpec:
+    """The registered stage called ``name``."""
+    for spec in REGISTRY:
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
 
 
 @dataclass(frozen=True)
-class AgentJob:
-    """One agent to train and evaluate (picklable, for worker processes and Ray tasks)."""
+class PlannedRun:
+    """One run of one stage in a pipeline (picklable, for worker processes and Ray tasks).
 
+    :param stage: the stage's name.
+    :param folder: the run folder, relative to the pipeline folder.
+    :param config: the run's config (``model_dump`` of a :class:`Config`).
+    :param inputs: for each stage it needs, the run folder(s) it reads (relative).
+    :param key: its cache key.
+    :param budget: its ``budget`` settings (a change that only grows them resumes the run).
+    :param output_key: the key without the budget settings.
+    :param owner: it owns its folder (``False`` for a ``per_run`` stage writing into another's).
+    """
+
+    stage: str
+    folder: str
     config: dict[str, Any]
-    out: str
-    vae: str | None
+    inputs: dict[str, list[str]]
     key: str
-    eval_episodes: int
-    threads: int
+    budget: dict[str, Any]
+    output_key: str
+    owner: bool = True
 
 
-def agent_job(job: AgentJob) -> str:
-    """Train (or resume) one agent and evaluate it; runs in a worker process or a Ray task."""
+def plan(cfg: Config) -> list[PlannedRun]:
+    """Every run of every registered stage for ``cfg``, in order, with its inputs and key."""
+    runs: dict[str, list[PlannedRun]] = {}
+    for spec in REGISTRY:
+        if spec.switch is not None and not settings(cfg, _switch_spec(spec), "output").get(
+            spec.switch
+        ):
+            continue
+        runs[spec.name] = _plan_stage(cfg, spec, runs)
+    return [r for stage_runs in runs.values() for r in stage_runs]
+
+
+def _switch_spec(spec: StageSpec) -> StageSpec:
+    assert spec.switch is not None
+    return StageSpec(spec.name, spec.kind, reads=(spec.switch,))
+
+
+def _plan_stage(
+    cfg: Config, spec: StageSpec, done: dict[str, list[PlannedRun]]
+) -> list[PlannedRun]:
+    if spec.per_run:  # one run per run of the first stage it needs, in that run's folder
+        first = spec.needs[0]
+        return [_planned(spec, r.folder, validate_config(r.config), {first: [r]}, (first,),
+                         owner=False) for r in done[first]]
+    if spec.variants is None:
+        inputs = {n: done[n] for n in spec.needs}
+        return [_planned(spec, spec.folder, cfg, inputs, spec.needs)]
+    out = []
+    for v in spec.variants(cfg):
+        inputs = {n: done[n] for n in v.needs}
+        out.append(_planned(spec, f"{spec.folder}/{v.name}", v.config, inputs, v.keyed_on,
+                            extra=settings(v.config, StageSpec("", "", v.reads_from), "output")))
+    return out
+
+
+def _planned(spec: StageSpec, folder: str, cfg: Config, inputs: dict[str, list[PlannedRun]],
+             keyed_on: tuple[str, ...], owner: bool = True,
+             extra: dict[str, Any] | None = None) -> PlannedRun:
+    parents = [r.key for name in keyed_on for r in inputs.get(name, [])]
+    if extra:
+        parents.append(json.dumps(extra, sort_keys=True))
+    output = json.dumps([spec.name, settings(cfg, spec, "output"), parents], sort_keys=True)
+    return PlannedRun(
+        stage=spec.name, folder=folder, config=cfg.model_dump(mode="json"),
+        inputs={name: [r.folder for r in rs] for name, rs in inputs.items()},
+        key=stage_key(cfg, spec, *parents), budget=settings(cfg, spec, "budget"),
+        output_key=hashlib.sha256(output.encode()).hexdigest()[:16], owner=owner,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Stamps beside each run folder
+
+
+def _stamp(root: Path, run: PlannedRun, state: str) -> Path:
+    folder = root / run.folder
+    return folder.with_name(f".{folder.name}.{run.stage}.{state}.json")
+
+
+def _read_stamp(path: Path) -> dict[str, Any] | None:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_done(root: Path, run: PlannedRun) -> bool:
+    """Whether ``run`` finished with its current key."""
+    stamp = _read_stamp(_stamp(root, run, "done"))
+    return stamp is not None and stamp.get("key") == run.key
+
+
+def prepare(root: Path, run: PlannedRun) -> bool:
+    """Get the run's folder ready; ``True`` when the run is already done.
+
+    Output of the same key that was interrupted is left in place to resume; so is output whose
+    settings differ only by grown budgets (the run is extended). Output of other settings is
+    moved aside to ``FOLDER.previous`` (replacing an older backup) when the run owns its folder.
+    """
+    if is_done(root, run):
+        return True
+    folder = root / run.folder
+    before = _read_stamp(_stamp(root, run, "done")) or _read_stamp(_stamp(root, run, "started"))
+    same = before is not None and (before.get("key") == run.key or (
+        before.get("output_key") == run.output_key
+        and budget_grew(before.get("budget", {}), run.budget)))
+    if run.owner and folder.exists() and not same and any(folder.iterdir()):
+        backup = folder.with_name(folder.name + ".previous")
+        shutil.rmtree(backup, ignore_errors=True)
+        folder.rename(backup)
+        log.info("%s: settings changed, previous output moved to %s", run.folder, backup.name)
+    _stamp(root, run, "done").unlink(missing_ok=True)
+    atomic_write_json(_stamp(root, run, "started"), {
+        "stage": run.stage, "key": run.key, "output_key": run.output_key, "budget": run.budget,
+    })
+    return False
+
+
+def execute(root: str, run: PlannedRun) -> str:
+    """Run one planned run (in this process, a worker process or a Ray task) and stamp it."""
+    base = Path(root)
+    spec = get_stage(run.stage)
+    label = run.stage if run.folder == spec.folder else f"{run.stage} {run.folder}"
+    if prepare(base, run):
+        log.info("[pipeline] %s: up to date, skipped", label)
+        return run.folder
+    log.info("[pipeline] %s: running -> %s", label, base / run.folder)
+    assert spec.run is not None
+    inputs: dict[str, Any] = {
+        name: [base / f for f in folders] if get_stage(name).variants or len(folders) != 1
+        else base / folders[0]
+        for name, folders in run.inputs.items()
+    }
+    start = time.perf_counter()
+    spec.run(validate_config(run.config), base / run.folder, inputs, None)
+    atomic_write_json(_stamp(base, run, "done"), {
+        "stage": run.stage, "key": run.key, "output_key": run.output_key, "budget": run.budget,
+        "seconds": round(time.perf_counter() - start, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+    _stamp(base, run, "started").unlink(missing_ok=True)
+    return run.folder
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel runs: worker processes that die with the pipeline, or Ray tasks
+
+
+def _worker_init(parent_pid: int, threads: int) -> None:
+    """Each worker: die with the pipeline's main process; ``threads`` torch threads."""
     import torch
 
-    from agents import evaluate, train
-    from worldmodel.config import validate_config
+    from worldmodel.collect.worker import die_with_parent
     from worldmodel.utils import setup_logging
 
-    if job.threads > 0:
-        torch.set_num_threads(job.threads)
+    die_with_parent(parent_pid)
+
+    def watch() -> None:  # where the kernel cannot do it (not Linux), look every second
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+    if threads > 0:
+        torch.set_num_threads(threads)
     if not logging.getLogger().handlers:
         setup_logging(0)
-    cfg = validate_config(job.config)
-    folder = Path(job.out)
-    if prepare(folder, job.key):
-        return job.out
-    start = time.perf_counter()
-    vae = Path(job.vae) if job.vae else None
-    train.run(cfg, folder, vae=vae, resume=(folder / "last.zip").exists())
-    evaluate.run(folder, episodes=job.eval_episodes, video=False,
-                 deterministic=cfg.agent.eval_deterministic, seed=None)
-    mark_done(folder, job.key, "train-agent", time.perf_counter() - start)
-    return job.out
 
 
-def _agent_jobs(cfg: Config, out: Path, vae_dir: Path, vae_key: str) -> list[AgentJob]:
-    jobs = []
-    n_jobs = len(cfg.pipeline.obs_modes) * len(cfg.pipeline.seeds)
-    parallel = max(1, min(cfg.pipeline.parallel, n_jobs))
-    threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else 0
-    for mode in cfg.pipeline.obs_modes:
-        for seed in cfg.pipeline.seeds:
-            run_cfg = agent_config(cfg, mode, seed)
-            parents = [vae_key] if mode in USES_VAE_WEIGHTS else []
-            sections = ("seed", "env", "agent") + (("vae",) if mode != "pixel" else ())
-            key = stage_key(run_cfg, sections, *parents, str(cfg.pipeline.eval_episodes))
-            jobs.append(AgentJob(
-                config=run_cfg.model_dump(mode="json"),
-                out=str(out / "agents" / f"{mode}__seed{seed}"),
-                vae=str(vae_dir) if mode != "pixel" else None,
-                key=key,
-                eval_episodes=cfg.pipeline.eval_episodes,
-                threads=threads,
-            ))
-    return jobs
+def _execute_in_worker(root: str, run: PlannedRun) -> str:
+    return execute(root, run)
 
 
-def agent_config(cfg: Config, mode: ObsMode, seed: int) -> Config:
-    """The config of one agent run of the pipeline: ``cfg`` with its obs mode and seed."""
-    run_cfg = cfg.model_copy(deep=True)
-    run_cfg.agent.obs_mode = mode
-    run_cfg.seed = seed
-    return run_cfg
-
-
-def _run_agents(cfg: Config, jobs: list[AgentJob]) -> None:
-    pending = [j for j in jobs if not is_done(Path(j.out), j.key)]
-    log.info("[pipeline] agents: %d to train, %d up to date",
-             len(pending), len(jobs) - len(pending))
+def _run_parallel(cfg: Config, root: Path, runs: list[PlannedRun]) -> None:
+    pending = [r for r in runs if not is_done(root, r)]
+    log.info("[pipeline] %s: %d to run, %d up to date", runs[0].stage, len(pending),
+             len(runs) - len(pending))
     if not pending:
         return
     if cfg.pipeline.backend == "ray":
-        _run_agents_ray(cfg, pending)
-    elif cfg.pipeline.parallel <= 1:
-        for job in pending:
-            agent_job(job)
-    else:
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(max_workers=cfg.pipeline.parallel, mp_context=ctx) as pool:
-            for done in pool.map(agent_job, pending):
-                log.info("[pipeline] agent finished: %s", done)
+        _run_ray(cfg, root, pending)
+        return
+    parallel = max(1, min(cfg.pipeline.parallel, len(pending)))
+    if parallel == 1:
+        for run in pending:
+            execute(str(root), run)
+        return
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(), threads)) as pool:
+        futures = [pool.submit(_execute_in_worker, str(root), r) for r in pending]
+        for future in futures:
+            log.info("[pipeline] finished: %s", future.result())
 
 
-def _run_agents_ray(cfg: Config, jobs: list[AgentJob]) -> None:
+def _run_ray(cfg: Config, root: Path, runs: list[PlannedRun]) -> None:
     try:
         import ray
     except ImportError as e:
         raise UserError('pipeline.backend=ray needs Ray: pip install "worldmodel[ray]"') from e
     if not ray.is_initialized():
         ray.init(address=cfg.collect.ray_address, include_dashboard=False)
-    task = ray.remote(num_cpus=1)(agent_job)
-    for done in ray.get([task.remote(job) for job in jobs]):
-        log.info("[pipeline] agent finished: %s", done)
+    task = ray.remote(num_cpus=1)(_execute_in_worker)
+    for done in ray.get([task.remote(str(root), r) for r in runs]):
+        log.info("[pipeline] finished: %s", done)
 
 
 def run(cfg: Config, out: Path) -> Path:
-    """Run (or resume) the whole pipeline into ``out``.
+    """Run (or resume) every stage of :data:`REGISTRY` into ``out``.
 
     :return: the path of the comparison's ``report.md``.
+    :raise UserError: an unknown observation mode, ``out`` holding another kind of run, or
+        another pipeline writing ``out``.
     """
-    from agents import compare
-    from worldmodel import collect, train_vae
-
+    check_modes(cfg)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
     start = time.perf_counter()
-
-    data_dir, vae_dir = out / "data", out / "vae"
-    data_key = stage_key(cfg, ("seed", "env", "collect"))
-    _run_stage(data_dir, data_key, "collect", lambda: collect.run(cfg, data_dir))
-
-    vae_key = stage_key(cfg, ("seed", "vae", "data"), data_key)
-    _run_stage(vae_dir, vae_key, "train-vae", lambda: train_vae.run(
-        cfg, data_dir, vae_dir, resume=(vae_dir / "last.pt").exists()))
-
-    jobs = _agent_jobs(cfg, out, vae_dir, vae_key)
-    _run_agents(cfg, jobs)
-
-    report_dir = out / "report"
-    report_key = stage_key(cfg, ("compare",), *(j.key for j in jobs))
-    _run_stage(report_dir, report_key, "compare", lambda: compare.run(
-        [Path(j.out) for j in jobs], report_dir, cfg.compare))
-
-    if cfg.pipeline.visualize:
-        _visualize(out, data_dir, vae_dir, vae_key)
+    with RunFolder.open(out, "pipeline", resume=None) as folder:
+        folder.save_config(cfg)
+        runs = plan(cfg)
+        for spec in REGISTRY:
+            stage_runs = [r for r in runs if r.stage == spec.name]
+            if not stage_runs:
+                log.info("[pipeline] %s: off", spec.name)
+            elif spec.parallel:
+                _run_parallel(cfg, out, stage_runs)
+            else:
+                for r in stage_runs:
+                    execute(str(out), r)
+        folder.finish()
     log.info("[pipeline] done in %.0f s", time.perf_counter() - start)
-    return report_dir / "report.md"
-
-
-def _visualize(out: Path, data_dir: Path, vae_dir: Path, vae_key: str) -> None:
-    try:
-        from worldmodel import visualize
-    except ImportError:
-        log.info("[pipeline] visualize: not available yet, skipped")
-        return
-    folder = out / "visualize"
-    _run_stage(folder, vae_key, "visualize", lambda: visualize.run(vae_dir, data_dir, folder))
+    return out / compare.STAGE.folder / "report.md"

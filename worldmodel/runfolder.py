@@ -8,8 +8,8 @@ what is the same for all of them:
   times of the last session. A stage refuses an ``--out`` that holds another kind, before it
   touches anything. Folders written before ``run.json`` existed are recognised by their files.
 * ``.lock``: an exclusive ``flock`` held for the life of a stage run, released by the kernel
-  when the process dies (also by ``kill -9``). A second writer is refused with one line naming
-  the holder's pid.
+  when the process dies (also by ``kill -9``, which leaves the file: the next writer takes it
+  over). A second writer is refused with one line naming the holder's pid.
 * Restart: a stage declares its checkpoint file (``last.pt``, ``last.zip``). :meth:`RunFolder.open`
   decides once, for every stage, whether a session resumes or starts over: a folder killed
   before its first checkpoint starts over (its stale files removed); one killed after it resumes
@@ -130,24 +130,28 @@ class FolderLock:
         except ImportError:  # pragma: no cover - Windows
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+b")  # kept open while the lock is held
         deadline = time.monotonic() + timeout
         while True:
+            f = open(self.path, "a+b")  # kept open while the lock is held
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
+                f.seek(0)
+                holder = f.read().decode(errors="replace").strip() or "unknown"
+                f.close()
                 if time.monotonic() >= deadline:
-                    f.seek(0)
-                    holder = f.read().decode(errors="replace").strip() or "unknown"
-                    f.close()
                     raise UserError(
                         f"{what} is being written by another process (pid {holder}, lock "
                         f"{self.path}); wait for it to finish or stop it"
                     ) from None
                 time.sleep(0.05)
+                continue
             except OSError:  # file system without flock support
+                f.close()
+                return
+            if _same_file(f, self.path):
                 break
+            f.close()  # the holder removed the file as we opened it: lock the new one
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()).encode())
@@ -155,10 +159,18 @@ class FolderLock:
         self._file = f
 
     def release(self) -> None:
-        """Drop the lock (the file stays: removing it would race with a waiting writer)."""
+        """Remove the lock file, then drop the lock (a waiting writer then locks a new file)."""
         if self._file is not None:
+            self.path.unlink(missing_ok=True)
             self._file.close()
             self._file = None
+
+
+def _same_file(f: IO[bytes], path: Path) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 class RunFolder:
@@ -175,6 +187,8 @@ class RunFolder:
         self.resume = resume
         self._lock = FolderLock(self.path / LOCK_FILE)
         self._record: dict[str, Any] = {}
+        self._created = False
+        self._finished = False
 
     @classmethod
     def open(
@@ -209,10 +223,10 @@ class RunFolder:
             if not run.resume:
                 run._clear(stale)
             run._write_record("running")
+            run._created = created
         except BaseException:
             run._lock.release()
             if created:  # a refused run leaves no folder behind
-                (path / LOCK_FILE).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     path.rmdir()
             raise
@@ -279,9 +293,23 @@ class RunFolder:
     def finish(self) -> None:
         """Mark the run ``done`` (the stage completed)."""
         self._write_record("done")
+        self._finished = True
 
     def close(self) -> None:
-        """Release the lock (the run stays ``running`` unless :meth:`finish` was called)."""
+        """Release the lock (the run stays ``running`` unless :meth:`finish` was called).
+
+        A session that created the folder and failed before writing anything but its records
+        removes it again: a refused or failed run leaves no empty run folder behind.
+        """
+        if self._created and not self._finished and self.path.is_dir():
+            names = {p.name for p in self.path.iterdir()} - {LOCK_FILE}
+            if names <= {RUN_FILE, "config.yaml"}:
+                for name in names:
+                    (self.path / name).unlink(missing_ok=True)
+                self._lock.release()
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+                return
         self._lock.release()
 
     def __enter__(self) -> RunFolder:

@@ -44,6 +44,26 @@ StageRun = Callable[[Config, Path, Mapping[str, Any], "bool | None"], Path]
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One of several runs of a stage in a pipeline (an arm and seed of ``train-agent``).
+
+    :param name: its sub-folder, under the stage's folder.
+    :param config: its config.
+    :param needs: the stages whose runs it reads (a subset of the stage's ``needs``).
+    :param keyed_on: those of ``needs`` whose output decides its own (their keys are its
+        parents); a run read only for its settings contributes ``reads_from`` instead.
+    :param reads_from: extra config keys that decide its output (``vae`` for an untrained
+        encoder that borrows the VAE run's architecture).
+    """
+
+    name: str
+    config: Config
+    needs: tuple[str, ...]
+    keyed_on: tuple[str, ...]
+    reads_from: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage, declared once.
 
@@ -55,6 +75,11 @@ class StageSpec:
     :param run: the uniform entry point (see :data:`StageRun`).
     :param folder: its folder in a pipeline run (``vae``, ``agents``...).
     :param parallel: the pipeline runs its runs in worker processes (``pipeline.parallel``).
+    :param variants: a stage with several runs in a pipeline (one per arm and seed): their
+        :class:`Variant` list; ``None``: one run.
+    :param per_run: one run per run of the first stage in ``needs``, in that run's folder (what
+        ``evaluate`` does to each agent run).
+    :param switch: a boolean config key that turns the stage on in the pipeline.
     """
 
     name: str
@@ -65,6 +90,9 @@ class StageSpec:
     run: StageRun | None = None
     folder: str = ""
     parallel: bool = False
+    variants: Callable[[Config], list[Variant]] | None = None
+    per_run: bool = False
+    switch: str | None = None
 
     def keys(self) -> list[str]:
         """Every leaf config key the stage reads, in :func:`config_effects` order."""

@@ -45,7 +45,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -70,6 +70,8 @@ from worldmodel.latents import (
 )
 from worldmodel.media import png_bytes, write_video
 from worldmodel.metrics import ACTIVE_KL_NATS
+from worldmodel.runfolder import RunFolder, require_kind
+from worldmodel.stages import StageSpec
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -588,8 +590,20 @@ def run(
     :param max_dims: latent dimensions shown in the traversal grid (highest KL first).
     :param fps: frame rate of the episode video.
     :return: the path of ``visualize.html`` in ``out``.
+    :raise UserError: ``vae_run`` is not a VAE run, ``out`` holds another kind of run or is
+        being written by another process, the data does not fit.
     """
-    vae_run, out = Path(vae_run), Path(out)
+    vae_run, out = require_kind(Path(vae_run), "vae", "VAE run"), Path(out)
+    if max_frames < 2:
+        raise UserError(f"max_frames must be at least 2, got {max_frames}")
+    with RunFolder.open(out, STAGE.kind) as folder:
+        page = _write(vae_run, data, out, max_frames, method, seed, max_dims, fps)
+        folder.finish()
+    return page
+
+
+def _write(vae_run: Path, data: Path, out: Path, max_frames: int, method: Method, seed: int,
+           max_dims: int, fps: int) -> Path:
     if max_frames < 2:
         raise UserError(f"max_frames must be at least 2, got {max_frames}")
     step = _Step(9)
@@ -655,3 +669,19 @@ def run(
     atomic_write_text(out / "visualize.html", _page(report, files, video, summary, out))
     log.info("visualize: wrote %d files to %s", len(files_out), out)
     return out / "visualize.html"
+
+
+def _run_stage(cfg: Any, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
+    run(inputs["train-vae"], inputs["collect"], out)
+    return out
+
+
+#: ``visualize`` reads no setting of its own: its pictures follow from the VAE run and dataset.
+STAGE = StageSpec(
+    "visualize", "visualize",
+    reads=(),
+    needs=("train-vae", "collect"),
+    run=_run_stage,
+    folder="visualize",
+    switch="pipeline.visualize",
+)

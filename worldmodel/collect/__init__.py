@@ -12,8 +12,8 @@ the entry point):
 * :mod:`~worldmodel.collect.worker`: a worker process or Ray task (:func:`collect_worker`):
   env, policy and episode loop for shard ``w{k}``; dies with its parent.
 * :mod:`~worldmodel.collect.pool`: the ``envpool`` backend's worker (:func:`envpool_worker`).
-* :mod:`~worldmodel.collect.writer`: the shard writer a worker hands batches of episodes to,
-  which compresses, writes and commits them.
+* :mod:`~worldmodel.collect.writer`: the writer process a worker hands batches of episodes to
+  (frames through shared memory), which compresses, writes and commits them.
 * :mod:`~worldmodel.collect.coordinator`: the parent: manifest and its settings
   (:func:`settings_of`), the plan of episode ids, progress, the ``process``/``ray``/``envpool``
   backends and :func:`run`.
@@ -23,15 +23,28 @@ How a collection runs:
 * Episode ``i`` gets its env seed and policy seed from ``SeedSequence(cfg.seed, spawn_key=(i,))``
   (:func:`episode_seeds`), so it is the same episode whichever worker runs it, and the dataset
   depends only on the config.
-* The parent hands out episode ids through a queue; worker ``k`` owns shard ``w{k}`` (it holds
-  the shard's lock), rolls episodes out, and a writer thread appends finished episodes to the
-  shard and commits them (atomic index rewrite) at least every ``collect.commit_seconds``.
+* The parent hands out episode ids through a queue; worker ``k`` owns shard ``w{k}``: it rolls
+  episodes out, copying frames into shared-memory buffers, and its writer process (which holds
+  the shard's lock) appends finished episodes to the shard and commits them (atomic index
+  rewrite) at least every ``collect.commit_seconds``. The writer runs beside the env loop rather
+  than in a thread of it, so compression and zarr writes never take the env loop's GIL.
+
+Data flow::
+
+    parent (coordinator)          worker k (process, Ray task     writer k (child process)
+                                  or the envpool thread)
+    episode ids --tasks queue-->  env loop -> frames into shared
+                                  buffer A/B, other fields in
+                                  lists; batch due: --socket-->   A[:n] + stacked fields ->
+                                                                  zstd, zarr, fsync, commit
+    progress <--results queue---  "started", "steps",   <-------  "free A" + committed entries
+                                  "finished", "committed", "done"
 * Re-running the same command resumes: episodes already committed are skipped, a killed
   worker's uncommitted tail is deleted. ``collect.frames`` keeps the shortest prefix of episode
   ids with at least that many frames: episodes past it (finished in parallel, committed by a
   killed run, or kept from a larger earlier target) are dropped from the index.
 * Backends: ``process`` (``multiprocessing`` with the spawn start method; workers die with the
-  parent), ``ray`` (the same worker function as Ray tasks, e.g. on a cluster writing to shared
+  parent, writers with their worker), ``ray`` (the same worker function as Ray tasks, e.g. on a cluster writing to shared
   storage), ``envpool`` (below).
 
 The ``envpool`` backend (used whenever ``env.backend`` is ``envpool``, unless ``collect.backend``
@@ -39,7 +52,7 @@ is ``ray``; ``collect.backend=envpool`` needs ``env.backend=envpool``) steps ``c
 EnvPool envs from one thread of this process (EnvPool's own threads, at most one per core, run
 the envs; the envs are split into two pools handled in strict alternation, so that one pool
 steps while Python stores the other's frames) and writes shard ``w0`` with the same writer
-thread, batching and per-episode atomic commits as a worker process, so a killed run resumes the
+process, batching and per-episode atomic commits as a worker process, so a killed run resumes the
 same way. Each env ("slot") plays episode after episode; a slot takes the next episode id when
 its episode ends. What is reproducible: EnvPool seeds an env only when the pool is built, so slot
 ``j`` is seeded with the env seed of the first episode it plays (:func:`episode_seeds`) and later
@@ -55,6 +68,10 @@ CLI injects.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from worldmodel.collect.coordinator import (
     BACKENDS,
@@ -75,6 +92,8 @@ from worldmodel.collect.policies import (
 )
 from worldmodel.collect.pool import envpool_worker
 from worldmodel.collect.worker import QueueLike, WorkerSpec, collect_worker
+from worldmodel.config import Config
+from worldmodel.stages import StageSpec
 
 __all__ = [
     "BACKENDS",
@@ -97,3 +116,17 @@ __all__ = [
     "run_episode",
     "settings_of",
 ]
+
+
+def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
+    return Path(run(cfg, out))
+
+
+#: ``collect`` reads ``seed``, ``env`` (not the agent's training envs) and ``collect``.
+STAGE = StageSpec(
+    "collect", "dataset",
+    reads=("seed", "env", "collect"),
+    ignores=("env.n_envs", "env.vec_env"),
+    run=_run_stage,
+    folder="data",
+)
