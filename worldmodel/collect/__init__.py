@@ -44,8 +44,8 @@ Data flow::
   ids with at least that many frames: episodes past it (finished in parallel, committed by a
   killed run, or kept from a larger earlier target) are dropped from the index.
 * Backends: ``process`` (``multiprocessing`` with the spawn start method; workers die with the
-  parent, writers with their worker), ``ray`` (the same worker function as Ray tasks, e.g. on a cluster writing to shared
-  storage), ``envpool`` (below).
+  parent, writers with their worker), ``ray`` (the same worker function as Ray tasks, e.g. on
+  a cluster writing to shared storage), ``envpool`` (below).
 
 The ``envpool`` backend (used whenever ``env.backend`` is ``envpool``, unless ``collect.backend``
 is ``ray``; ``collect.backend=envpool`` needs ``env.backend=envpool``) steps ``collect.workers``

@@ -43,12 +43,18 @@ class FrameBuffer:
 
     Keeping every frame object alive until a commit would make each step allocate fresh memory
     (page faults, cold caches); copying into two reused buffers keeps the env loop as cheap as
-    a bare loop and hands the writer one contiguous array.
+    a bare loop and hands the writer one contiguous array. Subclasses choose where the array
+    lives (:meth:`_allocate`; a worker's buffers are shared with its writer process).
     """
 
     def __init__(self, frame_shape: tuple[int, ...], capacity: int) -> None:
-        self.data = np.empty((max(capacity, 1), *frame_shape), np.uint8)
+        self.frame_shape = tuple(frame_shape)
+        self.data = self._allocate(max(capacity, 1))
         self.n = 0
+
+    def _allocate(self, capacity: int) -> np.ndarray:
+        """A new ``(capacity, H, W, C)`` uint8 array."""
+        return np.empty((capacity, *self.frame_shape), np.uint8)
 
     def append(self, frame: np.ndarray) -> None:
         """Append one ``(H, W, C)`` frame."""
@@ -65,9 +71,9 @@ class FrameBuffer:
         self.n += len(frames)
 
     def _grow(self, need: int) -> None:
-        bigger = np.empty((max(need, 2 * len(self.data)), *self.data.shape[1:]), np.uint8)
-        bigger[: self.n] = self.data[: self.n]
-        self.data = bigger
+        old = self.data
+        self.data = self._allocate(max(need, 2 * len(old)))
+        self.data[: self.n] = old[: self.n]
 
 
 def run_episode(

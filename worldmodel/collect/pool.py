@@ -18,8 +18,7 @@ import numpy as np
 from worldmodel.collect.episode import FrameBuffer, Steps
 from worldmodel.collect.policies import Policy, episode_seeds
 from worldmodel.collect.worker import QueueLike, WorkerSpec, make_worker_policy
-from worldmodel.collect.writer import Committer
-from worldmodel.dataset import Location, ShardWriter, shard_lock
+from worldmodel.collect.writer import WriterProcess
 from worldmodel.errors import UserError
 
 
@@ -58,12 +57,12 @@ class _PoolRun:
     """The state of :func:`envpool_worker`: episode ids, the batch being filled, progress."""
 
     def __init__(self, spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
-                 committer: Committer, stop: threading.Event) -> None:
-        self.spec, self.tasks, self.results, self.committer = spec, tasks, results, committer
+                 writer: WriterProcess, stop: threading.Event) -> None:
+        self.spec, self.tasks, self.results, self.writer = spec, tasks, results, writer
         self.stop = stop
         self.exhausted = False  # no more ids will come
         self.batch: list[tuple[dict[str, Any], Steps]] = []
-        self.frames = committer.free_buffer()
+        self.frames = writer.free_buffer()
         self.batch_bytes, self.batch_start = 0, 0.0
         self.step_bytes = spec.layout.step_bytes
         self.unreported, self.last_report = 0, time.monotonic()
@@ -117,11 +116,11 @@ class _PoolRun:
             self.flush()
 
     def flush(self) -> None:
-        """Submit the batch to the writer thread."""
+        """Submit the batch to the writer process."""
         if self.batch:
-            self.committer.submit((self.frames, self.batch))
+            self.writer.submit((self.frames, self.batch))
             self.batch, self.batch_bytes = [], 0
-            self.frames = self.committer.free_buffer()
+            self.frames = self.writer.free_buffer()
 
 
 @dataclass
@@ -164,13 +163,9 @@ def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
                   stop: threading.Event, enough: Callable[[], bool]) -> None:
     from envs.envpool import make_envpool_env
 
-    loc = Location(spec.root)
-    lock = shard_lock(loc, spec.shard)
-    lock.acquire(timeout=60.0, what=f"shard {spec.shard} of {loc}")
+    writer = WriterProcess(spec, results)  # starts while the pools are built
     try:
-        writer = ShardWriter(loc, spec.shard, spec.layout, worker=spec.worker)
-        committer = Committer(spec, writer, results)
-        run = _PoolRun(spec, tasks, results, committer, stop)
+        run = _PoolRun(spec, tasks, results, writer, stop)
         first = [eid for eid in (run.next_id() for _ in range(spec.envs)) if eid is not None]
         started, cpu_main, cpu_all = time.monotonic(), time.thread_time(), time.process_time()
         groups = _make_groups(spec, first) if first else []
@@ -178,6 +173,7 @@ def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
             spaces_env = make_envpool_env(spec.env)  # spaces only: no env is built
             slots = [_Slot(make_worker_policy(spec, spaces_env),
                            FrameBuffer(spec.layout.frame_shape, 1024)) for _ in first]
+            writer.wait_ready()  # it holds the shard's lock and opened the shard
             results.put(("started", spec.worker))
             for g in groups:
                 obs, _ = g.pool.reset()
@@ -188,12 +184,14 @@ def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
             for g in groups:
                 g.pool.close()
         run.flush()
-        committer.close()
+        writer.close()
         results.put(("done", spec.worker, {"seconds": time.monotonic() - started,
                                            "cpu_main": time.thread_time() - cpu_main,
-                                           "cpu_total": time.process_time() - cpu_all}))
+                                           "cpu_total": time.process_time() - cpu_all
+                                           + writer.cpu_seconds}))
     finally:
-        lock.release()
+        if not writer.closed:
+            writer.kill()
 
 
 def _step_pools(run: _PoolRun, groups: list[_Group], slots: list[_Slot], stop: threading.Event,

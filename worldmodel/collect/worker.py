@@ -15,8 +15,8 @@ import numpy as np
 from envs import EnvConfig, make_env
 from worldmodel.collect.episode import Steps, run_episode
 from worldmodel.collect.policies import MakePolicy, Policy, episode_seeds, make_builtin_policy
-from worldmodel.collect.writer import Committer
-from worldmodel.dataset import Layout, Location, ShardWriter, shard_lock
+from worldmodel.collect.writer import WriterProcess
+from worldmodel.dataset import Layout
 from worldmodel.errors import UserError
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class QueueLike(Protocol):
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Make the kernel SIGKILL this worker when its parent dies (Linux), so orphans never write."""
+    """Make the kernel SIGKILL this process when its parent dies (Linux): orphans never write."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -107,15 +107,13 @@ def collect_worker(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> No
 
 
 def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None:
-    k, loc = spec.worker, Location(spec.root)
-    lock = shard_lock(loc, spec.shard)
-    lock.acquire(timeout=60.0, what=f"shard {spec.shard} of {loc}")
+    k = spec.worker
+    writer = WriterProcess(spec, results)  # starts while the env is built
     try:
-        writer = ShardWriter(loc, spec.shard, spec.layout, worker=k)
         env = make_env(spec.env)
         policy = make_worker_policy(spec, env)
         step_bytes = spec.layout.step_bytes
-        committer = Committer(spec, writer, results)
+        writer.wait_ready()  # it holds the shard's lock and opened the shard
         results.put(("started", k))
         unreported, last_report = 0, time.monotonic()
 
@@ -128,7 +126,7 @@ def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None
                 unreported, last_report = 0, now
 
         episodes: list[tuple[dict[str, Any], Steps]] = []
-        frames = committer.free_buffer()
+        frames = writer.free_buffer()
         batch_bytes, batch_start = 0, 0.0
         started, cpu_main, cpu_all = time.monotonic(), time.thread_time(), time.process_time()
         while (eid := tasks.get()) is not None:
@@ -136,23 +134,24 @@ def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None
                 batch_start = time.monotonic()
             env_seed, policy_seed = episode_seeds(spec.seed, int(eid))
             ep = run_episode(env, policy, env_seed, policy_seed, spec.max_episode_steps,
-                              on_steps, frames.append)
+                             on_steps, frames.append)
             results.put(("finished", k, int(eid), ep.length, unreported))
             unreported = 0
             episodes.append(({"id": int(eid), "seed": env_seed, "policy_seed": policy_seed}, ep))
             batch_bytes += ep.length * step_bytes
             if (batch_bytes >= spec.commit_bytes
                     or time.monotonic() - batch_start >= spec.commit_seconds):
-                committer.submit((frames, episodes))
+                writer.submit((frames, episodes))
                 episodes, batch_bytes = [], 0
-                frames = committer.free_buffer()
+                frames = writer.free_buffer()
         if episodes:
-            committer.submit((frames, episodes))
-        committer.close()
+            writer.submit((frames, episodes))
+        writer.close()
         env.close()
         results.put(("done", k, {"seconds": time.monotonic() - started,
                                  "cpu_main": time.thread_time() - cpu_main,
-                                 "cpu_total": time.process_time() - cpu_all}))
+                                 "cpu_total": time.process_time() - cpu_all
+                                 + writer.cpu_seconds}))
     finally:
-        lock.release()
-
+        if not writer.closed:
+            writer.kill()
