@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 export SDL_VIDEODRIVER ?= dummy
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test test-fast lint typecheck pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ pytest: $(VENV)/.installed-dev
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The quick loop: the linters and every test but those marked `slow` (end-to-end runs).
+test-fast: lint
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev
 	@for m in envs collect vae agents; do echo "== bench/$$m.py"; $(BIN)/python -m bench.$$m || exit 1; done

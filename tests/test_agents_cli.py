@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from agent_testing import agent_config, make_vae_run
 
 from worldmodel.io import read_json
@@ -18,6 +19,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_agent_then_evaluate(tmp_path: Path) -> None:
     vae = make_vae_run(tmp_path / "vae")
     agent_config("latent", timesteps=64).save(tmp_path / "agent.yaml")

@@ -41,6 +41,7 @@ def test_agent_on_a_train_vae_run(stages: dict[str, Path]) -> None:
     assert len(result["returns"]) == 2
 
 
+@pytest.mark.slow
 def test_collect_with_an_agent_policy(stages: dict[str, Path], tmp_path: Path) -> None:
     cfg = resolve_config(None, [
         "env.image_size=32", "env.max_episode_steps=20", "collect.episodes=3",

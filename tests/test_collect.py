@@ -178,6 +178,7 @@ def test_user_errors(tmp_path: Path) -> None:
         run(small_cfg("collect.episodes=1"), tmp_path / "c")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "data"
     overrides = [*SMALL, "collect.episodes=150", "collect.workers=2"]
@@ -209,6 +210,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     assert len(want_crc) == 150
 
 
+@pytest.mark.slow
 def test_ray_backend_equals_process_backend(two_worker_data: tuple[Config, Path],
                                             tmp_path: Path) -> None:
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install worldmodel[ray])")

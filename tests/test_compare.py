@@ -51,6 +51,7 @@ def synthetic(tmp_path: Path) -> tuple[list[Path], dict[str, float]]:
     return runs, truth
 
 
+@pytest.mark.slow
 def test_compare_gives_right_iqm_and_cis_containing_truth(
     tmp_path: Path, synthetic: tuple[list[Path], dict[str, float]]
 ) -> None:

@@ -327,8 +327,10 @@ def test_vec_env_seeds_are_reproducible() -> None:
 
 
 @needs_envpool
-@pytest.mark.parametrize(("env_id", "policy"), [("CarRacing-v3", "brownian"),
-                                                 ("ALE/Pong-v5", "random")])
+@pytest.mark.parametrize(("env_id", "policy"), [
+    ("CarRacing-v3", "brownian"),
+    pytest.param("ALE/Pong-v5", "random", marks=pytest.mark.slow),
+])
 def test_collector_pool_is_reproducible(tmp_path: Path, env_id: str, policy: str) -> None:
     cfg = carracing_cfg(f"env.id={env_id}", f"collect.policy={policy}", "collect.episodes=5",
                         "collect.workers=3", "env.max_episode_steps=12", "env.grayscale=true",
@@ -363,6 +365,7 @@ def test_collector_frames_mode_keeps_the_shortest_prefix(tmp_path: Path) -> None
 
 
 @needs_envpool
+@pytest.mark.slow
 def test_collect_resumes_after_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "data"
     overrides = ["env.id=CarRacing-v3", "env.backend=envpool", "env.image_size=16",

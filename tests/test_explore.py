@@ -21,57 +21,24 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 import pytest
-import torch
 
-from worldmodel.config import resolve_config
 from worldmodel.dataset import open_dataset
 from worldmodel.errors import UserError
 from worldmodel.explore import ApiError, Explorer, ExplorerServer, make_server
-from worldmodel.vae import build_vae, frames_to_tensor, load_vae, save_checkpoint, vae_loss
+from worldmodel.vae import load_vae
 
-SIZE = 16
-LATENT = 4
+SIZE = 16  # frame side of conftest's tiny configs
+LATENT = 4  # latent size of conftest's tiny VAE
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one thread is faster, and 2 threads on a busy 2-core machine are ~6x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 4-episode Reach dataset at 16 px and a VAE trained on it for a few seconds."""
-    from worldmodel.collect import run as collect
-
-    root = tmp_path_factory.mktemp("explore")
-    cfg = resolve_config(None, [f"env.image_size={SIZE}", "collect.episodes=4",
-                                "collect.workers=1", "collect.max_episode_steps=30",
-                                "vae.widths=[8, 16]", f"vae.latent_dim={LATENT}"])
-    data = collect(cfg, root / "data")
-    frames = np.concatenate([ep.obs for ep in open_dataset(data)])
-    x = frames_to_tensor(frames)
-    torch.manual_seed(0)
-    model = build_vae(cfg.vae, cfg.env)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(200):  # beta 0.1: latents that matter after a few steps
-        batch = x[torch.randint(0, len(x), (32,))]
-        loss = vae_loss(model(batch), batch, beta=0.1).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae_run = root / "vae"
-    vae_run.mkdir()
-    cfg.save(vae_run / "config.yaml")
-    save_checkpoint(vae_run / "best.pt", {"model": model.state_dict(), "step": 200})
-    return {"root": root, "data": data, "vae": vae_run}
+def setup(reach16: Path, reach16_vae: Path) -> dict[str, Path]:
+    """The session's tiny dataset and the VAE trained on it (conftest)."""
+    return {"data": reach16, "vae": reach16_vae}
 
 
 @pytest.fixture(scope="module")

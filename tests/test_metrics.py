@@ -94,6 +94,7 @@ def test_load_probe_data_spreads_frames_over_episodes(reach32: Path) -> None:
     np.testing.assert_array_equal(again.frames, data.frames)
 
 
+@pytest.mark.slow
 def test_a_trained_vae_beats_the_random_projection_on_reach(reach32: Path) -> None:
     """A small VAE trained for a few hundred steps keeps the positions better than raw pixels
     pushed through a random matrix of the same size."""
@@ -107,8 +108,6 @@ def test_a_trained_vae_beats_the_random_projection_on_reach(reach32: Path) -> No
     test = load_probe_data(reader, test_ids, max_frames=240)
 
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = ConvVAE(image_size=32, latent_dim=8, widths=(16, 32, 64))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     x_all = frames_to_tensor(train.frames)
@@ -119,7 +118,6 @@ def test_a_trained_vae_beats_the_random_projection_on_reach(reach32: Path) -> No
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.set_num_threads(threads)
 
     cfg = resolve_config(None, ["env.image_size=32", "vae.latent_dim=8", "vae.widths=[16,32,64]"])
     result = representation_metrics(LoadedVAE(model, cfg).encode, train, test, k=5)

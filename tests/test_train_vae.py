@@ -28,15 +28,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny models gain nothing from more, and a busy machine thrashes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(*extra: str) -> Config:
     return resolve_config(None, [*TINY, *extra])
 
@@ -324,6 +315,7 @@ def _cli_args(dataset: Path, out: Path, *extra: str) -> list[str]:
     return ["-q", "train-vae", *sets, "--data", str(dataset), "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_in_a_subprocess(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -5,80 +5,28 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
-import torch
 
 from worldmodel import latents, media, visualize
 from worldmodel.config import resolve_config
 from worldmodel.dataset import open_dataset
 from worldmodel.errors import UserError
-from worldmodel.vae import (
-    LoadedVAE,
-    build_vae,
-    frames_to_tensor,
-    load_vae,
-    save_checkpoint,
-    vae_loss,
-)
+from worldmodel.vae import LoadedVAE, build_vae, load_vae
 
-SIZE = 16  # frame side; the display scale is round(64 / 16) = 4
-LATENT = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one thread is faster, and 2 threads on a busy 2-core machine are ~6x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_dataset(path: Path, size: int = SIZE, episodes: int = 4) -> Path:
-    from worldmodel.collect import run as collect
-
-    cfg = resolve_config(None, [f"env.image_size={size}", f"collect.episodes={episodes}",
-                                "collect.workers=1", "collect.max_episode_steps=30"])
-    return collect(cfg, path)
-
-
-def make_vae_run(path: Path, data: Path | None, size: int = SIZE, steps: int = 200) -> Path:
-    """A tiny VAE trained for a few steps on ``data`` (random init when ``data`` is None).
-
-    beta = 0.1 so that a few steps give latents that matter (at beta = 1 it first sits at the
-    mean image).
-    """
-    cfg = resolve_config(None, [f"env.image_size={size}", "vae.widths=[8, 16]",
-                                f"vae.latent_dim={LATENT}"])
-    torch.manual_seed(0)
-    model = build_vae(cfg.vae, cfg.env)
-    if data is not None and steps:
-        reader = open_dataset(data)
-        x = frames_to_tensor(np.concatenate([ep.obs for ep in reader]))
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(steps):
-            batch = x[torch.randint(0, len(x), (32,))]
-            loss = vae_loss(model(batch), batch, beta=0.1).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    path.mkdir(parents=True, exist_ok=True)
-    cfg.save(path / "config.yaml")
-    save_checkpoint(path / "best.pt", {"model": model.state_dict(), "step": steps})
-    return path
+SIZE = 16  # frame side of conftest's tiny configs; the display scale is round(64 / 16) = 4
+LATENT = 4  # latent size of conftest's tiny VAE
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("vis")
-    data = make_dataset(root / "data")
-    vae_run = make_vae_run(root / "vae", data)
-    return {"root": root, "data": data, "vae": vae_run}
+def setup(tmp_path_factory: pytest.TempPathFactory, reach16: Path,
+          reach16_vae: Path) -> dict[str, Path]:
+    """The session's tiny dataset and VAE (conftest), and a folder for this module's output."""
+    return {"root": tmp_path_factory.mktemp("vis"), "data": reach16, "vae": reach16_vae}
 
 
 @pytest.fixture(scope="module")
@@ -277,11 +225,14 @@ def test_metrics_come_from_summary_json_when_present(setup: dict[str, Path],
     assert report["representation"]["knn_mse"] == 0.0123
 
 
-def test_bad_inputs_are_one_line_user_errors(setup: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_inputs_are_one_line_user_errors(
+    setup: dict[str, Path], tmp_path: Path, make_tiny_vae: Callable[..., Path]
+) -> None:
     cases = [
         (tmp_path / "missing-run", setup["data"], "not found"),
         (setup["vae"], tmp_path / "missing-data", "not found"),
-        (make_vae_run(tmp_path / "vae32", None, size=32), setup["data"], "expects 32x32x3"),
+        (make_tiny_vae(tmp_path / "vae32", None, "env.image_size=32"), setup["data"],
+         "expects 32x32x3"),
     ]
     for vae_run, data, match in cases:
         with pytest.raises(UserError, match=match) as info:
