@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 
-from worldmodel.config import resolve_config
+from worldmodel.config import Config, resolve_config
 from worldmodel.errors import ConfigError, UserError
 from worldmodel.vae import (
     ConvVAE,
@@ -236,7 +238,9 @@ def test_weights_hash_changes_with_the_weights() -> None:
     assert a.weights_hash == b.weights_hash != c.weights_hash
 
 
-def test_weights_hash_is_computed_on_first_use_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_hash_is_computed_on_first_use_only(
+    monkeypatch: pytest.MonkeyPatch, tiny_config: Callable[..., Config]
+) -> None:
     from worldmodel import vae as vae_module
 
     calls: list[int] = []
@@ -247,7 +251,7 @@ def test_weights_hash_is_computed_on_first_use_only(monkeypatch: pytest.MonkeyPa
         return real(model)
 
     monkeypatch.setattr(vae_module, "state_dict_hash", counted)
-    cfg = resolve_config(None, ["env.image_size=16", "vae.widths=[4]", "vae.latent_dim=2"])
+    cfg = tiny_config("vae.widths=[4]", "vae.latent_dim=2")
     model = build_vae(cfg.vae, cfg.env)
     loaded = LoadedVAE(model, cfg)
     loaded.encode(np.zeros((1, 16, 16, 3), np.uint8))

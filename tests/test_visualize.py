@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from worldmodel import latents, media, visualize
-from worldmodel.config import resolve_config
+from worldmodel.config import Config
 from worldmodel.dataset import open_dataset
 from worldmodel.errors import UserError
 from worldmodel.vae import LoadedVAE, build_vae, load_vae
@@ -255,8 +255,8 @@ def test_sample_is_bounded_and_seeded(setup: dict[str, Path]) -> None:
     assert len(np.unique(a.episode)) > 1  # spread over episodes
 
 
-def test_loaded_vae_wrapper_works_without_run_folder() -> None:
-    cfg = resolve_config(None, [f"env.image_size={SIZE}", "vae.widths=[8]", "vae.latent_dim=3"])
+def test_loaded_vae_wrapper_works_without_run_folder(tiny_config: Callable[..., Config]) -> None:
+    cfg = tiny_config("vae.widths=[8]", "vae.latent_dim=3")
     vae = LoadedVAE(build_vae(cfg.vae, cfg.env), cfg)
     post = latents.posterior(vae, np.zeros((3, SIZE, SIZE, 3), np.uint8), batch_size=2)
     assert post.mu.shape == post.logvar.shape == (3, 3)
