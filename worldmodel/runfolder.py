@@ -96,7 +96,7 @@ def check_kind(path: Path, kind: str, what: str = "--out") -> None:
     found = read_kind(path)
     if found is not None and found != kind:
         raise UserError(
-            f"{what} {path} holds a {found} run, not a {kind} run; pick another {what} folder"
+            f"{what} {path} holds {_a(found)} run, not {_a(kind)} run; pick another {what} folder"
         )
 
 
@@ -107,9 +107,13 @@ def require_kind(path: Path, kind: str, what: str) -> Path:
         raise UserError(f"{what} {path} not found; pass an existing {kind} run folder")
     found = read_kind(path)
     if found != kind:
-        shown = f"a {found} run" if found else "not a run folder of this project"
-        raise UserError(f"{what} {path} is {shown}; pass a {kind} run folder")
+        shown = f"{_a(found)} run" if found else "not a run folder of this project"
+        raise UserError(f"{what} {path} is {shown}; pass {_a(kind)} run folder")
     return path
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
 
 
 class FolderLock:

@@ -43,7 +43,7 @@ from envs.config import frame_keys
 from worldmodel.config import Config, load_run_config
 from worldmodel.errors import UserError
 from worldmodel.metrics import ACTIVE_KL_NATS
-from worldmodel.runfolder import RunFolder
+from worldmodel.runfolder import RunFolder, check_kind
 from worldmodel.stages import StageSpec, resume_mismatches
 from worldmodel.training import (
     Prefetch,
@@ -587,6 +587,7 @@ def run(cfg: Config, data: Path, out: Path, resume: bool | None = False) -> Path
 
     started = time.perf_counter()
     data, out = Path(data), Path(out)
+    check_kind(out, STAGE.kind)  # before anything is read: a wrong --out is the first error
     reader = open_dataset(data)
     check_dataset(reader, cfg, data)
     d = cfg.data
