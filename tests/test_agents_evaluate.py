@@ -129,7 +129,7 @@ def test_agent_policy_epsilon_and_pixel_runs(runs: dict[str, Path]) -> None:
 
 
 def test_user_errors(runs: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"no config\.yaml"):
+    with pytest.raises(UserError, match=r"is not a run folder of this project; pass an agent run"):
         evaluate.run(tmp_path, episodes=1)
     with pytest.raises(UserError, match="episodes"):
         evaluate.run(runs["latent"], episodes=0)

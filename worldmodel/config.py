@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from envs.config import BUDGET, RUNTIME, EnvConfig, Section
+from envs.config import BUDGET, RUNTIME, EnvConfig, Section, field_effect
 from worldmodel.errors import ConfigError
 from worldmodel.io import atomic_write_text
 
@@ -477,14 +477,26 @@ def _bounds(field: Any) -> str:
 
 
 def config_reference() -> str:
-    """The config reference as Markdown tables, one per section (the README embeds it)."""
-    lines = [f"- `seed` (int, default 0): {Config.model_fields['seed'].description or 'seed'}"]
+    """The config reference as Markdown tables, one per section (the README embeds it).
+
+    The effect column is each field's declared :data:`~envs.config.Effect`: ``output`` (what the
+    stage produces), ``runtime`` (speed, devices, logging: reruns nothing) or ``budget`` (steps
+    a resume may extend).
+    """
+    lines = [
+        "Effect: `output` changes what a stage produces (the pipeline reruns it, `--resume` "
+        "refuses a change, `compare` groups by it); `runtime` only how fast, where or how "
+        "verbosely it runs (reruns nothing); `budget` how long it runs (a larger one resumes and "
+        "extends a run).",
+        "",
+        f"- `seed` (int, default 0, output): {Config.model_fields['seed'].description or 'seed'}",
+    ]
     for name, field in Config.model_fields.items():
         section = field.annotation
         if not (isinstance(section, type) and issubclass(section, Section)):
             continue
         lines += ["", f"**`{name}`**: {(section.__doc__ or '').strip().splitlines()[0]}", "",
-                  "| key | type | default | description |", "|---|---|---|---|"]
+                  "| key | type | default | effect | description |", "|---|---|---|---|---|"]
         defaults = section().model_dump(mode="json")
         for key, sub in section.model_fields.items():
             allowed = _type_name(sub.annotation)
@@ -492,7 +504,8 @@ def config_reference() -> str:
             kind = f"{allowed} ({bounds})" if bounds else allowed
             default = json.dumps(defaults[key])
             text = (sub.description or "").replace("|", "\\|")
-            lines.append(f"| `{name}.{key}` | {kind} | `{default}` | {text} |")
+            effect = field_effect(sub)
+            lines.append(f"| `{name}.{key}` | {kind} | `{default}` | {effect} | {text} |")
     return "\n".join(lines) + "\n"
 
 
