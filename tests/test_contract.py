@@ -193,6 +193,12 @@ def test_train_agent_killed_at_any_moment_restarts_with_the_same_command(
     assert steps == sorted(set(steps)) and steps[-1] == 768  # each evaluation once
     assert json.loads((out / "summary.json").read_text())["timesteps"] == 768
     assert json.loads((out / "run.json").read_text())["status"] == "done"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out))
+    events.Reload()
+    tb_steps = [e.step for e in events.Scalars("eval/mean_reward")]
+    assert tb_steps == steps  # no TensorBoard step twice, none of the killed session's left
 
 
 def _children(pid: int) -> list[int]:
