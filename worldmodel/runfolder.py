@@ -54,6 +54,7 @@ _LEGACY_MARKERS = (
     ("agent", "last.zip"),
     ("agent", "evaluations.jsonl"),
     ("agent", "vae.json"),
+    ("agent", "eval.json"),
     ("vae", "last.pt"),
     ("vae", "best.pt"),
     ("report", "report.md"),

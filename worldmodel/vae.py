@@ -142,7 +142,7 @@ class SpatialBroadcast(nn.Module):
     map. Drawing an object at position ``p`` then only needs "compare ``p`` with the cell's
     coordinates", which a latent holding ``p`` linearly makes easiest: the VAE learns object
     positions as (nearly) linear latent directions, where the ``deconv`` decoder often learns a
-    folded code that a linear probe cannot read (measured on Reach: configs/quickstart.yaml).
+    folded code that a linear probe cannot read (measured on Reach: docs/quickstart/tuning.md).
 
     :param latent_dim: ``Z``.
     :param channels: ``C``, output channels.
