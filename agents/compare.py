@@ -25,7 +25,7 @@ import numpy as np
 from agents.modes import report_rank
 from agents.train import STAGE as TRAIN_STAGE
 from worldmodel.config import CompareConfig, Config, load_run_config
-from worldmodel.errors import UserError
+from worldmodel.errors import RunNotFoundError, UserError
 from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from worldmodel.runfolder import RunFolder, require_kind
 from worldmodel.stages import StageSpec, defining_keys
@@ -83,7 +83,7 @@ def load_agent_run(path: Path) -> AgentRun:
     """
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"agent run {str(path)!r} not found")
+        raise RunNotFoundError(f"agent run {str(path)!r} not found")
     config = load_run_config(path)
     records = read_jsonl(path / "evaluations.jsonl")
     if not records:

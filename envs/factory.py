@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
+import re
 from typing import TYPE_CHECKING, Any, Literal
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.envs.registration import load_env_creator
 from gymnasium.error import DependencyNotInstalled
 from gymnasium.wrappers import (
     AddRenderObservation,
@@ -155,11 +158,47 @@ def check_atari_crop(cfg: EnvConfig) -> None:
         )
 
 
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def _accepted_kwargs(env_id: str) -> list[str]:
+    """The keyword arguments ``env_id``'s class takes (empty when they cannot be read)."""
+    try:
+        entry = gym.spec(env_id).entry_point
+        creator = load_env_creator(entry) if isinstance(entry, str) else entry
+        params = inspect.signature(creator).parameters.values()  # type: ignore[arg-type]
+    except Exception:  # an exotic entry point: the message just lists no keys
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name != "self"]
+
+
+def _gym_make(cfg: EnvConfig, **kwargs: Any) -> gym.Env[Any, Any]:
+    """``gym.make(cfg.id, **kwargs)``, with unknown keyword arguments as one-line errors.
+
+    An ``env.kwargs`` key the env does not take is an :class:`EnvConfigError` naming it and the
+    keys it takes (Gymnasium raises a ``TypeError`` from deep inside the env's constructor).
+    """
+    try:
+        return gym.make(cfg.id, **kwargs)
+    except TypeError as e:
+        found = _UNEXPECTED.search(str(e))
+        if found is None:
+            raise
+        key = found.group(1)
+        where = f"env.kwargs.{key}" if key in cfg.kwargs else f"keyword argument {key!r}"
+        accepted = _accepted_kwargs(cfg.id)
+        valid = f"; valid keys: {', '.join(accepted)}" if accepted else ""
+        raise EnvConfigError(
+            f"{where}: {cfg.id} takes no such keyword argument{valid}; remove it"
+        ) from None
+
+
 def _make_atari(cfg: EnvConfig, kwargs: dict[str, Any]) -> gym.Env[np.ndarray, Any]:
     check_atari_crop(cfg)
     # AtariPreprocessing reads the screen itself: a grayscale base skips an RGB copy per frame.
     kwargs.setdefault("obs_type", "grayscale" if cfg.grayscale else "rgb")
-    base = gym.make(cfg.id, frameskip=1, **kwargs)
+    base = _gym_make(cfg, frameskip=1, **kwargs)
     return AtariPreprocessing(
         base,
         noop_max=30,
@@ -179,7 +218,7 @@ def _make_generic(
         kwargs.setdefault("size", cfg.image_size)
     if family == "render":
         kwargs["render_mode"] = "rgb_array"
-    env: gym.Env[Any, Any] = gym.make(cfg.id, **kwargs)
+    env: gym.Env[Any, Any] = _gym_make(cfg, **kwargs)
     if cfg.frame_skip > 1:
         env = FrameSkip(env, cfg.frame_skip)
     if family == "render":

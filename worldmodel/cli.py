@@ -106,6 +106,10 @@ def _cmd_train_agent(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from worldmodel.config import MAX_SEED
+
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
     out = _stage("agents.evaluate", 6).run(
         Path(args.run),
         episodes=args.episodes,

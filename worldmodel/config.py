@@ -23,13 +23,18 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from envs.config import BUDGET, RUNTIME, EnvConfig, Section, field_effect
-from worldmodel.errors import ConfigError
+from worldmodel.errors import ConfigError, ConfigNotFoundError
 from worldmodel.io import atomic_write_text
 
 #: An ``agent.obs_mode`` name. The modes are a table in ``agents/modes.py`` (a layer above this
 #: one), which the CLI and the pipeline check a config against (``agents.modes.check_modes``).
 ObsMode = str
 Device = Literal["auto", "cpu", "cuda"]
+
+#: The largest ``seed`` (and ``pipeline.seeds`` entry, ``evaluate --seed``): NumPy's and SB3's
+#: global seeding takes 32-bit seeds, and derived seeds (evaluation ``seed + 1000 + i``, env
+#: ``i`` at ``seed + i``) must stay below ``2**32`` too, so seeds are non-negative int32s.
+MAX_SEED = 2**31 - 1
 
 
 class CollectConfig(Section):
@@ -300,11 +305,21 @@ class PipelineConfig(Section):
     eval_episodes: int = Field(20, ge=1, description="Final evaluation episodes per agent.")
     visualize: bool = Field(True, description="Run the visualize stage on the VAE.")
 
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, value: list[int]) -> list[int]:
+        bad = [s for s in value if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise ValueError(f"each seed must be between 0 and {MAX_SEED}")
+        return value
+
 
 class Config(Section):
     """The whole run config. Each stage reads its own sections plus ``seed`` and ``env``."""
 
-    seed: int = Field(0, ge=0, description="Seeds everything: envs, networks, data order.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seeds everything: envs, networks, data order."
+    )
     env: EnvConfig = Field(default_factory=EnvConfig)
     collect: CollectConfig = Field(default_factory=CollectConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -342,11 +357,19 @@ def load_yaml_dict(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config, resolving ``extends: other.yaml`` (relative to the file) first."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; pass an existing --config")
+        raise ConfigNotFoundError(
+            f"config file {str(path)!r} not found; pass an existing --config"
+        )
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); save it as UTF-8 YAML"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from worldmodel.errors import UserError
+from worldmodel.errors import RunNotFoundError, UserError
 
 if TYPE_CHECKING:
     from worldmodel.dataset import DatasetReader
@@ -102,7 +102,7 @@ def load_inputs(vae_run: Path, data: Path | None) -> tuple[LoadedVAE, DatasetRea
 
     vae_run = Path(vae_run)
     if not vae_run.is_dir():
-        raise UserError(f"VAE run {str(vae_run)!r} not found; pass a `worldmodel train-vae` "
+        raise RunNotFoundError(f"VAE run {str(vae_run)!r} not found; pass a `worldmodel train-vae` "
                         "run folder")
     vae = load_vae(vae_run, "last" if checkpoint_name(vae_run) == "last.pt" else "best")
     if data is None:
@@ -110,7 +110,7 @@ def load_inputs(vae_run: Path, data: Path | None) -> tuple[LoadedVAE, DatasetRea
     from worldmodel.dataset import open_dataset
 
     if not Path(data).exists():
-        raise UserError(f"dataset {str(data)!r} not found; pass a folder written by "
+        raise RunNotFoundError(f"dataset {str(data)!r} not found; pass a folder written by "
                         "`worldmodel collect`")
     reader = open_dataset(data)
     if tuple(reader.frame_shape) != tuple(vae.image_shape):

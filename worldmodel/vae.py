@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldmodel.errors import ConfigError, UserError
+from worldmodel.errors import ConfigError, RunNotFoundError, UserError
 from worldmodel.io import atomic_write
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     """Read a checkpoint written by the trainer (``weights_only``: no code is unpickled)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} not found")
+        raise RunNotFoundError(f"checkpoint {str(path)!r} not found")
     try:
         data = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -448,7 +448,7 @@ def load_vae(
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"VAE run {str(run_dir)!r} not found; pass a train-vae run folder")
+        raise RunNotFoundError(f"VAE run {str(run_dir)!r} not found; pass a train-vae run folder")
     cfg = load_run_config(run_dir)
     path = run_dir / f"{checkpoint}.pt"
     if not path.is_file():

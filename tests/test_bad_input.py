@@ -1,0 +1,132 @@
+"""Bad input gives one line, a non-zero exit, and loses nothing already written (issue 14).
+
+CLI cases call :func:`worldmodel.cli.main`, which returns the exit code and prints a
+``UserError`` as ``worldmodel CMD: error: ...`` on stderr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worldmodel.cli import main
+from worldmodel.errors import ConfigError, RunNotFoundError, UserError
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
+    """The single stderr line of a refused command, without its ``worldmodel CMD`` prefix."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    prefix = f"worldmodel {command}: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0].removeprefix(prefix)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# 1. config: not UTF-8, seeds out of range, env kwargs the env does not take
+
+
+def test_config_file_not_utf8_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("vae:\n  latent_dim: 8  # größer\n".encode("latin-1"))
+    assert main(["-q", "collect", "--config", str(config)]) == 2
+    line = one_error_line(capsys, "collect")
+    assert str(config) in line and "not a UTF-8 text file" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", [["collect"], ["train-vae", "--data", "DATA"],
+                                     ["train-agent"], ["pipeline"]])
+@pytest.mark.parametrize("setting", ["seed=99999999999999999999", "seed=4294967296",
+                                     "pipeline.seeds=[0, 99999999999999999999]"])
+def test_seed_out_of_range_is_refused_by_every_stage(
+    command: list[str], setting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", *command, "--set", setting]) == 2
+    line = one_error_line(capsys, command[0])
+    assert line.startswith(setting.partition("=")[0] + ":"), line
+    assert "2147483647" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_largest_seed_is_accepted() -> None:
+    from worldmodel.config import MAX_SEED, resolve_config
+
+    assert resolve_config(None, [f"seed={MAX_SEED}"]).seed == MAX_SEED
+    with pytest.raises(ConfigError, match="seed: input should be less than or equal"):
+        resolve_config(None, [f"seed={MAX_SEED + 1}"])
+
+
+def test_evaluate_seed_out_of_range_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["-q", "evaluate", str(tmp_path), "--seed", "99999999999999999999"]) == 2
+    line = one_error_line(capsys, "evaluate")
+    assert line == "--seed must be between 0 and 2147483647, got 99999999999999999999"
+    assert main(["-q", "evaluate", str(tmp_path), "--seed", "-1"]) == 2
+    assert "--seed must be between" in one_error_line(capsys, "evaluate")
+
+
+def test_unknown_env_kwarg_is_one_line_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "data"
+    assert main(["-q", "collect", "--set", "env.kwargs.bogus=1", "--set", "env.image_size=16",
+                 "--set", "collect.episodes=1", "--out", str(out)]) == 2
+    line = one_error_line(capsys, "collect")
+    assert line.startswith("env.kwargs.bogus: worldmodel/Reach-v0 takes no such keyword")
+    assert "valid keys: size, " in line
+    # collect (worldmodel/collect/) may leave its empty lock file behind; no dataset is written
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {".collect.lock"}
+
+
+def test_unknown_env_kwarg_from_the_api_is_an_env_config_error() -> None:
+    from envs import EnvConfigError, make_env
+    from envs.config import EnvConfig
+
+    with pytest.raises(EnvConfigError, match=r"^env\.kwargs\.bogus: CartPole-v1 takes no such"):
+        make_env(EnvConfig(id="CartPole-v1", image_size=16, kwargs={"bogus": 1}))
+    env = make_env(EnvConfig(id="CartPole-v1", image_size=16, kwargs={"sutton_barto_reward": True}))
+    env.close()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. errors from the Python API are standard exceptions
+
+
+def test_user_errors_are_value_errors_and_missing_runs_file_not_found(tmp_path: Path) -> None:
+    from agents.compare import load_agent_run
+    from worldmodel.config import resolve_config
+    from worldmodel.vae import load_vae
+
+    assert issubclass(UserError, ValueError)
+    with pytest.raises(ValueError, match="seed"):
+        resolve_config(None, ["seed=-1"])
+    for call in (lambda: load_agent_run(tmp_path / "nope"),
+                 lambda: load_vae(tmp_path / "nope"),
+                 lambda: resolve_config(tmp_path / "nope.yaml")):
+        with pytest.raises(FileNotFoundError, match="not found") as info:
+            call()
+        assert isinstance(info.value, RunNotFoundError)
+        assert isinstance(info.value, ValueError)
+    with pytest.raises(ConfigError):  # a missing --config is still a ConfigError
+        resolve_config(tmp_path / "nope.yaml")
+
+
+def test_missing_run_is_still_one_cli_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["-q", "compare", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "not found" in one_error_line(capsys, "compare")
