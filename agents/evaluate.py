@@ -162,7 +162,8 @@ def _evaluate(run: Path, episodes: int, video: bool, deterministic: bool | None,
     n_envs = min(episodes, cfg.agent.eval_envs)
     env = make_agent_env(cfg, encoder, n_envs=n_envs, seed=seed, training=False, recorder=video)
     try:
-        model = load_model(run, cfg, zip_path, device=agent_device(cfg))
+        model = load_model(run, cfg, zip_path, device=agent_device(cfg),
+                           action_space=env.action_space)
         model.set_random_seed(seed)
         returns, lengths = evaluate_policy(
             model, env, n_eval_episodes=episodes, deterministic=deterministic,

@@ -7,8 +7,9 @@ What the zoo writes and SB3 does not take directly is converted here:
 * numbers that YAML left as strings (``1e-4`` without a dot is a string in YAML 1.1) become
   floats;
 * ``policy_kwargs`` may be a mapping or the zoo's string ``"dict(activation_fn=nn.GELU, ...)"``
-  (parsed without ``eval``); class names such as ``"GELU"``, ``"nn.GELU"``, ``"th.optim.Adam"``,
-  ``"NatureCNN"`` or ``"package.module.Class"`` are resolved to classes;
+  (parsed without ``eval``); class names such as ``"GELU"``, ``"nn.GELU"``, ``"th.optim.Adam"``
+  or ``"NatureCNN"`` are resolved from an allow-list (:data:`CLASS_NAMES`: torch.nn activations,
+  torch optimizers, SB3's extractors and buffers, ours); nothing named in the config is imported;
 * ``train_freq: [1, episode]`` becomes a tuple; ``noise_type``/``noise_std`` become an
   ``action_noise`` object (TD3/SAC, as in the zoo);
 * zoo keys that are not SB3 arguments (``n_timesteps``, ``n_envs``, ``frame_stack``, ...) and
@@ -27,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import math
 from collections.abc import Mapping
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from worldmodel.errors import UserError
+from worldmodel.errors import ConfigError, UserError
 
 #: Keys of the zoo's hyperparameter files that are settings of ours, not SB3 arguments.
 ZOO_KEYS = {
@@ -51,21 +51,58 @@ ZOO_KEYS = {
     "env_kwargs": "env.kwargs",
 }
 SCHEDULE_KEYS = ("learning_rate", "clip_range", "clip_range_vf")
-#: Where each class-valued policy_kwargs entry is looked up (first match wins).
-CLASS_MODULES: dict[str, tuple[str, ...]] = {
-    "activation_fn": ("torch.nn",),
+#: The class names each class-valued key accepts (nothing else is ever imported), and the module
+#: prefixes they may be written with (``GELU``, ``nn.GELU``, ``torch.nn.GELU``, ``th.nn.GELU``).
+CLASS_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "activation_fn": (
+        ("ReLU", "ReLU6", "RReLU", "LeakyReLU", "PReLU", "ELU", "CELU", "SELU", "GELU", "SiLU",
+         "Mish", "Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Hardswish", "Softplus",
+         "Softsign", "Tanhshrink", "LogSigmoid", "Identity"),
+        ("nn", "torch.nn", "th.nn"),
+    ),
     "optimizer_class": (
-        "torch.optim",
-        "stable_baselines3.common.sb2_compat.rmsprop_tf_like",
+        ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "SGD", "Adagrad", "Adadelta",
+         "ASGD", "Rprop", "RMSpropTFLike"),
+        ("optim", "torch.optim", "th.optim", "stable_baselines3.common.sb2_compat.rmsprop_tf_like"),
     ),
     "features_extractor_class": (
-        "stable_baselines3.common.torch_layers",
-        "agents.extractor",
+        ("NatureCNN", "FlattenExtractor", "VAEFeaturesExtractor"),
+        ("stable_baselines3.common.torch_layers", "agents.extractor"),
+    ),
+    "replay_buffer_class": (
+        ("ReplayBuffer", "NStepReplayBuffer", "DictReplayBuffer", "HerReplayBuffer"),
+        ("stable_baselines3.common.buffers", "stable_baselines3.her"),
     ),
 }
-TOP_CLASS_MODULES: dict[str, tuple[str, ...]] = {
-    "replay_buffer_class": ("stable_baselines3.common.buffers", "stable_baselines3.her"),
-}
+#: The class-valued entries of policy_kwargs.
+CLASS_KEYS = ("activation_fn", "optimizer_class", "features_extractor_class")
+#: Class-valued top-level hyperparameters.
+TOP_CLASS_KEYS = ("replay_buffer_class",)
+
+
+def _allowed_class(key: str, short: str) -> type:
+    """The class ``short`` of the allow-list of ``key`` (fixed imports only)."""
+    import torch
+    from stable_baselines3.common import buffers, torch_layers
+    from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
+    from stable_baselines3.her import HerReplayBuffer
+
+    from agents.extractor import VAEFeaturesExtractor
+
+    extra: dict[str, type] = {
+        "RMSpropTFLike": RMSpropTFLike,
+        "VAEFeaturesExtractor": VAEFeaturesExtractor,
+        "HerReplayBuffer": HerReplayBuffer,
+    }
+    home = {
+        "activation_fn": torch.nn,
+        "optimizer_class": torch.optim,
+        "features_extractor_class": torch_layers,
+        "replay_buffer_class": buffers,
+    }[key]
+    cls = extra[short] if short in extra else getattr(home, short)
+    assert isinstance(cls, type)
+    return cls
 
 
 def _literal(node: ast.AST, where: str) -> Any:
@@ -105,34 +142,25 @@ def parse_policy_kwargs_string(text: str, where: str = "policy_kwargs") -> dict[
     return value
 
 
-def resolve_class(name: Any, modules: tuple[str, ...], where: str) -> Any:
-    """A class from its name: ``GELU``, ``nn.GELU``, ``torch.nn.GELU``, ``pkg.mod.Class``.
+def resolve_class(name: Any, key: str, where: str) -> Any:
+    """A class from its name in the allow-list of ``key`` (:data:`CLASS_NAMES`).
+
+    ``GELU``, ``nn.GELU``, ``torch.nn.GELU`` and ``th.nn.GELU`` name the same class; nothing is
+    imported from the config, so ``package.module:Class`` is refused.
 
     :param name: the name, or already a class (returned as is).
-    :param modules: modules searched for the last component of the name.
+    :param key: the hyperparameter (``activation_fn``, ``optimizer_class``, ...).
     :param where: the config key, for the error message.
+    :raises ConfigError: a name outside the allow-list (the message lists the allowed ones).
     """
-    if not isinstance(name, str):
+    if isinstance(name, type):
         return name
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        candidates = [(module, attr)]
-    else:
-        short = name.rsplit(".", 1)[-1]
-        candidates = [(m, short) for m in modules]
-        if "." in name:
-            candidates.append((name.rsplit(".", 1)[0], short))
-    for module, attr in candidates:
-        try:
-            obj = getattr(importlib.import_module(module), attr, None)
-        except ImportError:
-            obj = None
-        if isinstance(obj, type):
-            return obj
-    raise UserError(
-        f"{where}: unknown class {name!r}; use a name from {', '.join(modules)} "
-        "or a full path like package.module.Class"
-    )
+    names, prefixes = CLASS_NAMES[key]
+    if isinstance(name, str) and ":" not in name:
+        prefix, _, short = name.rpartition(".")
+        if short in names and (not prefix or prefix in prefixes):
+            return _allowed_class(key, short)
+    raise ConfigError(f"{where}: unknown class {name!r}; allowed: {', '.join(names)}")
 
 
 def _number(value: Any) -> Any:
@@ -171,8 +199,8 @@ def _policy_kwargs(value: Any) -> dict[str, Any]:
         raise UserError(f"{where}: expected a mapping, got {value!r}")
     out: dict[str, Any] = {}
     for key, item in value.items():
-        if key in CLASS_MODULES:
-            out[key] = resolve_class(item, CLASS_MODULES[key], f"{where}.{key}")
+        if key in CLASS_KEYS:
+            out[key] = resolve_class(item, key, f"{where}.{key}")
         elif key == "net_arch" and isinstance(item, Mapping):
             out[key] = dict(item)
         else:
@@ -262,8 +290,8 @@ def parse_hyperparams(
             out[key] = _policy_kwargs(value)
         elif key == "train_freq":
             out[key] = _train_freq(value)
-        elif key in TOP_CLASS_MODULES:
-            out[key] = resolve_class(value, TOP_CLASS_MODULES[key], f"agent.hyperparams.{key}")
+        elif key in TOP_CLASS_KEYS:
+            out[key] = resolve_class(value, key, f"agent.hyperparams.{key}")
         else:
             out[key] = _number(value)
     if noise_type is not None:

@@ -7,12 +7,17 @@ The policy is the mode's :attr:`~agents.modes.ObsModeSpec.default_policy` unless
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from gymnasium import spaces
 
+from agents.encoders import VAE_RECORD as VAE_RECORD_NAME
 from agents.encoders import read_vae_record
 from agents.modes import get_mode
 from worldmodel.errors import UserError
@@ -89,6 +94,168 @@ def full_policy_kwargs(
     return name, {**user, **extra}
 
 
+def agent_observation_space(run_dir: Path, cfg: Config) -> spaces.Box:
+    """The observation space the run's policy reads, from its config (and ``vae.json``)."""
+    import numpy as np
+
+    from agents.latent import latent_space
+
+    history = cfg.agent.history
+    if get_mode(cfg.agent.obs_mode).wrapper == "latents":
+        record = read_vae_record(run_dir)
+        if record is None:
+            raise UserError(f"{run_dir}: {VAE_RECORD_NAME} is missing; cannot rebuild the agent")
+        return latent_space(int(record["latent_dim"]), history)
+    h, w, c = cfg.env.obs_shape
+    return spaces.Box(0, 255, (c * history, h, w), np.uint8)
+
+
+def _env_action_space(cfg: Config) -> spaces.Space[Any]:
+    from envs import make_env
+
+    env = make_env(cfg.env)
+    try:
+        return env.action_space
+    finally:
+        env.close()
+
+
+def _read_zip(checkpoint: Path) -> tuple[bytes, dict[str, Any]]:
+    """The bytes of a saved agent and its ``data`` entry, parsed as JSON (never unpickled)."""
+    import json
+    import zipfile
+
+    try:
+        raw = checkpoint.read_bytes()
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            data = json.loads(archive.read("data").decode())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(
+            f"{checkpoint}: not a readable agent ({type(e).__name__}: {_line(e)})"
+        ) from e
+    if not isinstance(data, dict):
+        raise UserError(f"{checkpoint}: its data entry is not a mapping; not a saved agent")
+    return raw, data
+
+
+def _line(e: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(e).split())[:300]
+
+
+#: Entries SB3 never writes (``_excluded_save_params``); a file holding one was not written by it.
+_NEVER_SAVED = frozenset({
+    "policy", "device", "env", "replay_buffer", "rollout_buffer", "_vec_normalize_env", "_logger",
+    "_custom_logger",
+})
+
+
+def rebuilt_objects(
+    algo: type[BaseAlgorithm],
+    cfg: Config,
+    run_dir: Path,
+    observation_space: spaces.Space[Any],
+    action_space: spaces.Space[Any],
+    stats_window: int = 100,
+) -> dict[str, Any]:
+    """Every object SB3 would unpickle from a saved agent's ``data``, rebuilt from the config.
+
+    The values are what ``algo(policy, env, **hyperparams)`` and its ``_setup_model`` set (the
+    SB3 class defaults for what the config leaves out); the env-step state (``_last_obs``, ...)
+    is ``None`` (training resets the envs) and the episode-info buffers start empty.
+    """
+    from collections import deque
+
+    from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer, RolloutBuffer
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+    from stable_baselines3.common.utils import FloatSchedule, LinearSchedule
+
+    from agents.hyperparams import parse_hyperparams
+
+    hyper = parse_hyperparams(cfg.agent.hyperparams, algo, action_space)
+    user = hyper.pop("policy_kwargs", {})
+    policy, policy_kwargs = full_policy_kwargs(
+        cfg, read_vae_record(run_dir), user, for_loading=True
+    )
+    try:
+        template = algo(policy, None, device="cpu", policy_kwargs=policy_kwargs,  # type: ignore[call-arg]
+                        _init_setup_model=False, **hyper)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise UserError(f"{run_dir}: cannot rebuild the {cfg.agent.algo} agent: {_line(e)}") from e
+    objects: dict[str, Any] = dict(vars(template))
+    for name in _NEVER_SAVED:
+        objects.pop(name, None)
+    objects.update({
+        "observation_space": observation_space,
+        "action_space": action_space,
+        "lr_schedule": FloatSchedule(template.learning_rate),
+        "_last_obs": None,
+        "_last_episode_starts": None,
+        "_last_original_obs": None,
+        "ep_info_buffer": deque(maxlen=stats_window),
+        "ep_success_buffer": deque(maxlen=stats_window),
+    })
+    for key in ("clip_range", "clip_range_vf"):
+        if objects.get(key) is not None:
+            objects[key] = FloatSchedule(objects[key])
+    if isinstance(template, OffPolicyAlgorithm):
+        template._convert_train_freq()
+        objects["train_freq"] = template.train_freq
+        if objects.get("replay_buffer_class") is None:
+            objects["replay_buffer_class"] = (
+                NStepReplayBuffer if template.n_steps > 1 else ReplayBuffer
+            )
+    elif "rollout_buffer_class" in objects and objects["rollout_buffer_class"] is None:
+        objects["rollout_buffer_class"] = RolloutBuffer
+    if "exploration_initial_eps" in objects:  # DQN
+        objects["exploration_schedule"] = LinearSchedule(
+            objects["exploration_initial_eps"],
+            objects["exploration_final_eps"],
+            objects["exploration_fraction"],
+        )
+    return objects
+
+
+def _custom_objects(
+    checkpoint: Path, data: dict[str, Any], algo: type[BaseAlgorithm], rebuilt: dict[str, Any]
+) -> dict[str, Any]:
+    """``custom_objects`` for every entry of ``data`` SB3 would unpickle, plus our policy_kwargs.
+
+    :raises UserError: an entry we cannot rebuild, or one SB3 never saves.
+    """
+    custom: dict[str, Any] = {"policy_kwargs": rebuilt["policy_kwargs"]}
+    for key, item in data.items():
+        serialized = isinstance(item, dict) and ":serialized:" in item
+        if key in _NEVER_SAVED or (hasattr(algo, key) and key not in rebuilt):
+            raise UserError(
+                f"{checkpoint}: unexpected entry {key!r} in its data; refusing to load it"
+            )
+        if serialized:
+            if key not in rebuilt:
+                raise UserError(
+                    f"{checkpoint}: its data holds a pickled {key!r} this project cannot rebuild "
+                    "from config.yaml; refusing to unpickle it"
+                )
+            custom[key] = rebuilt[key]
+    return custom
+
+
+def _check_space(checkpoint: Path, data: dict[str, Any], key: str, space: Any) -> None:
+    """The shape SB3 wrote next to a pickled space must be the one rebuilt from the config."""
+    item = data.get(key)
+    shape = item.get("_shape") if isinstance(item, dict) else None
+    n = item.get("n") if isinstance(item, dict) else None
+    if n is not None and isinstance(space, spaces.Discrete) and str(n) != str(int(space.n)):
+        raise UserError(
+            f"{checkpoint}: saved for {n} discrete actions, but its config.yaml gives {space.n}"
+        )
+    if isinstance(shape, list) and tuple(shape) != tuple(space.shape or ()):
+        raise UserError(
+            f"{checkpoint}: saved for {key.replace('_', ' ')} shape {tuple(shape)}, but its "
+            f"config.yaml gives {tuple(space.shape)}"
+        )
+
+
 def load_model(
     run_dir: Path,
     cfg: Config,
@@ -96,22 +263,40 @@ def load_model(
     *,
     env: VecEnv | None = None,
     device: str | torch.device = "cpu",
+    action_space: spaces.Space[Any] | None = None,
 ) -> BaseAlgorithm:
     """Load a saved agent (``last.zip``/``best_model.zip``) without needing its VAE run.
 
-    :raises UserError: when the file is missing or unreadable.
-    """
-    from agents.hyperparams import parse_hyperparams
+    Nothing in the file is unpickled: every entry SB3 would unpickle is supplied through
+    ``custom_objects``, rebuilt from ``cfg`` (:func:`rebuilt_objects`); the weights are read by
+    SB3 with ``torch.load(weights_only=True)``.
 
+    :param env: the env to resume training in (its spaces are the model's).
+    :param action_space: the env's action space when ``env`` is not given (default: built from
+        ``cfg.env``).
+    :raises UserError: when the file is missing, unreadable or holds anything we cannot rebuild.
+    """
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint} not found; train the agent first (worldmodel train-agent)")
     algo = algo_class(cfg.agent.algo)
-    custom: dict[str, Any] = {}
-    if get_mode(cfg.agent.obs_mode).encoder_in_policy:
-        user = parse_hyperparams(cfg.agent.hyperparams, algo).get("policy_kwargs", {})
-        _, kwargs = full_policy_kwargs(cfg, read_vae_record(run_dir), user, for_loading=True)
-        custom["policy_kwargs"] = kwargs
+    raw, data = _read_zip(checkpoint)
+    if env is not None:
+        obs_space, act_space = env.observation_space, env.action_space
+    else:
+        obs_space = agent_observation_space(run_dir, cfg)
+        act_space = action_space if action_space is not None else _env_action_space(cfg)
+    _check_space(checkpoint, data, "observation_space", obs_space)
+    _check_space(checkpoint, data, "action_space", act_space)
+    window = data.get("_stats_window_size", 100)
+    rebuilt = rebuilt_objects(algo, cfg, run_dir, obs_space, act_space,
+                              window if isinstance(window, int) and window > 0 else 100)
+    custom = _custom_objects(checkpoint, data, algo, rebuilt)
     try:
-        return algo.load(checkpoint, env=env, device=device, custom_objects=custom)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{checkpoint}: cannot load the agent ({type(e).__name__}: {e})") from e
+        return algo.load(io.BytesIO(raw), env=env, device=device, custom_objects=custom)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RuntimeError, EOFError,
+            AttributeError, pickle.UnpicklingError, zlib.error) as e:
+        raise UserError(
+            f"{checkpoint}: cannot load the agent ({type(e).__name__}: {_line(e)})"
+        ) from e
