@@ -13,6 +13,8 @@ Outputs in the report folder: ``report.md`` (tables and plots), ``report.json`` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,8 +28,8 @@ from agents.modes import report_rank
 from agents.train import STAGE as TRAIN_STAGE
 from worldmodel.config import CompareConfig, Config, load_run_config
 from worldmodel.errors import RunNotFoundError, UserError
-from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from worldmodel.runfolder import RunFolder, require_kind
+from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from worldmodel.runfolder import RunFolder, check_kind, require_kind
 from worldmodel.stages import StageSpec, defining_keys
 from worldmodel.stages import settings as stage_settings
 
@@ -72,20 +74,90 @@ class Group:
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))
 
 
+def _corrupt(file: Path, what: str) -> UserError:
+    return UserError(
+        f"{file} is corrupt ({what}); restore it, re-run the stage that wrote it, or leave the "
+        "run out"
+    )
+
+
+def _read_json_file(file: Path) -> dict[str, Any]:
+    """A JSON object from ``file``, or a one-line :class:`UserError` naming it."""
+    try:
+        data = read_json(file)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _corrupt(file, f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise _corrupt(file, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _returns(file: Path, value: Any, where: str = "") -> np.ndarray:
+    """``returns`` of an evaluation record: a non-empty list of finite numbers."""
+    if not isinstance(value, list) or not value or not all(_is_number(v) for v in value):
+        raise _corrupt(file, f"{where}'returns' must be a non-empty list of numbers")
+    return np.asarray(value, dtype=np.float64)
+
+
+def _read_evaluations(file: Path) -> list[dict[str, Any]]:
+    """The periodic evaluations of ``evaluations.jsonl``, each record checked.
+
+    A torn last line (an interrupted write) is ignored; anything else malformed is a one-line
+    :class:`UserError` naming the file and line.
+    """
+    try:
+        text = file.read_text(encoding="utf-8") if file.is_file() else ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise _corrupt(file, f"unreadable: {e}") from None
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]
+    records = []
+    for n, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise _corrupt(file, f"line {n} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise _corrupt(file, f"line {n} is not a JSON object")
+        for key in ("timesteps", "wall_seconds", "returns"):
+            if key not in record:
+                raise _corrupt(file, f"line {n} has no {key!r}")
+        if not _is_number(record["timesteps"]) or not _is_number(record["wall_seconds"]):
+            raise _corrupt(file, f"line {n}: 'timesteps' and 'wall_seconds' must be numbers")
+        _returns(file, record["returns"], f"line {n}: ")
+        records.append(record)
+    if tail.strip():
+        try:  # a last line without its newline: complete if it parses, else a torn write
+            record = json.loads(tail)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and {"timesteps", "wall_seconds", "returns"} <= set(record):
+            records.append(record)
+    return records
+
+
 def load_agent_run(path: Path) -> AgentRun:
     """Read an agent run folder: ``config.yaml``, ``evaluations.jsonl``, ``eval.json``.
 
     The final score comes from ``eval.json`` (written by ``worldmodel evaluate``); without it, from
     the last periodic evaluation in ``evaluations.jsonl``.
 
-    :raises UserError: when the run is missing, unfinished (no ``summary.json``), or its
+    :raises RunNotFoundError: when the run folder does not exist.
+    :raises UserError: when the run is unfinished (no ``summary.json``), one of its files is
+        corrupt (invalid JSON, missing keys, wrong types; the message names the file), or its
         ``eval.json`` scored an older model than the one training ended with.
     """
     path = Path(path)
     if not path.is_dir():
         raise RunNotFoundError(f"agent run {str(path)!r} not found")
     config = load_run_config(path)
-    records = read_jsonl(path / "evaluations.jsonl")
+    records = _read_evaluations(path / "evaluations.jsonl")
     if not records:
         raise UserError(
             f"{path} has no evaluations.jsonl: train it with `worldmodel train-agent` "
@@ -100,28 +172,66 @@ def load_agent_run(path: Path) -> AgentRun:
             f"{path} has not finished training (no summary.json): finish it with "
             f"`worldmodel train-agent --resume --out {path}` or leave it out"
         )
-    summary = read_json(summary_file)
+    summary = _read_json_file(summary_file)
+    sps = summary.get("steps_per_second")
+    if sps is not None and not _is_number(sps):
+        raise _corrupt(summary_file, f"'steps_per_second' must be a number, got {sps!r}")
     eval_file = path / "eval.json"
     eval_seed = None
     deterministic = config.agent.eval_deterministic
     if eval_file.is_file():
-        final = read_json(eval_file)
-        if final.get("timesteps") is not None and int(final["timesteps"]) != int(steps[-1]):
+        final = _read_json_file(eval_file)
+        if "returns" not in final:
+            raise _corrupt(eval_file, "no 'returns'")
+        returns = _returns(eval_file, final["returns"])
+        timesteps, eval_seed = final.get("timesteps"), final.get("seed")
+        if timesteps is not None and not _is_number(timesteps):
+            raise _corrupt(eval_file, f"'timesteps' must be a number, got {timesteps!r}")
+        if eval_seed is not None and not (isinstance(eval_seed, int)
+                                          and not isinstance(eval_seed, bool)):
+            raise _corrupt(eval_file, f"'seed' must be an integer, got {eval_seed!r}")
+        if not isinstance(final.get("deterministic", deterministic), bool):
+            raise _corrupt(eval_file, "'deterministic' must be true or false")
+        if timesteps is not None and int(timesteps) != int(steps[-1]):
             raise UserError(
-                f"{eval_file} scored the model at {final['timesteps']} steps but training ended "
+                f"{eval_file} scored the model at {timesteps} steps but training ended "
                 f"at {steps[-1]}: re-run `worldmodel evaluate {path}`"
             )
-        returns = np.asarray(final["returns"], dtype=np.float64)
-        eval_seed = final.get("seed")
         deterministic = bool(final.get("deterministic", deterministic))
     else:
         log.warning("%s: no eval.json, using its last periodic evaluation", path)
         returns = np.asarray(records[-1]["returns"], dtype=np.float64)
-    sps = summary.get("steps_per_second") or float(steps[-1] / max(seconds[-1], 1e-9))
+    sps = sps or float(steps[-1] / max(seconds[-1], 1e-9))
     vae_file = path / "vae.json"
-    vae = read_json(vae_file) if vae_file.is_file() else None
+    vae = _read_json_file(vae_file) if vae_file.is_file() else None
     return AgentRun(path, config, returns, steps, seconds, curve, float(sps), eval_seed,
                     deterministic, vae)
+
+
+def _fingerprint(run: AgentRun) -> str:
+    """What makes a run itself: its config (seed included) and every return it logged."""
+    digest = hashlib.sha256(run.config.to_yaml().encode())
+    for array in (run.final_returns, run.steps, run.curve):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def check_distinct(runs: Sequence[AgentRun]) -> None:
+    """Refuse a run given twice, by path or as a copy (same config, identical evaluations).
+
+    Each run counts as one seed of its group, so a duplicate would shrink the CIs it is in.
+    """
+    seen: dict[Any, AgentRun] = {}
+    for run in runs:
+        for key, how in ((run.path.resolve(), "the same folder"),
+                         (_fingerprint(run), "copies (same config.yaml and identical "
+                                             "evaluations)")):
+            other = seen.setdefault(key, run)
+            if other is not run:
+                raise UserError(
+                    f"{other.path} and {run.path} are {how} of one run, which would count as "
+                    "two seeds: pass each run once"
+                )
 
 
 def _run_settings(run: AgentRun) -> dict[str, Any]:
@@ -518,7 +628,12 @@ def run(runs: Sequence[Path], out: Path, cfg: CompareConfig) -> Path:
     """
     if not runs:
         raise UserError("give at least one agent run folder to compare")
+    check_kind(Path(out), STAGE.kind)  # a file or another kind of run: refused before any work
+    for p in runs:
+        if not Path(p).is_dir():
+            raise RunNotFoundError(f"agent run {str(p)!r} not found; pass an agent run folder")
     agent_runs = [load_agent_run(require_kind(Path(p), "agent", "agent run")) for p in runs]
+    check_distinct(agent_runs)
     groups = group_runs(agent_runs)
     first = agent_runs[0]
     seed = first.eval_seed if first.eval_seed is not None else first.config.seed + 1000

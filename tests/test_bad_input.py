@@ -130,3 +130,106 @@ def test_missing_run_is_still_one_cli_line(
 ) -> None:
     assert main(["-q", "compare", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert "not found" in one_error_line(capsys, "compare")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. compare: corrupt run files, --out naming a file, one run given twice
+
+
+def agent_run(root: Path, name: str, seed: int) -> Path:
+    """A finished agent run folder as ``train-agent`` + ``evaluate`` leave it (no training)."""
+    import json
+
+    from worldmodel.config import resolve_config
+
+    path = root / name
+    path.mkdir(parents=True)
+    resolve_config(None, [f"seed={seed}", "env.max_episode_steps=20"]).save(path / "config.yaml")
+    (path / "evaluations.jsonl").write_text("".join(
+        json.dumps({"timesteps": 1000 * k, "wall_seconds": 2.0 * k, "returns": [k, k + seed]})
+        + "\n" for k in (1, 2)))
+    (path / "eval.json").write_text(json.dumps(
+        {"returns": [1.0, 2.0 + seed], "seed": 1000 + seed, "timesteps": 2000,
+         "deterministic": True}))
+    (path / "summary.json").write_text(json.dumps({"steps_per_second": 100.0}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "expected"),
+    [
+        ("eval.json", '{"returns": [1.0, 2', "is corrupt (not valid JSON"),
+        ("eval.json", "[1.0, 2.0]", "is corrupt (expected a JSON object, got list)"),
+        ("eval.json", '{"seed": 1, "timesteps": 2000}', "is corrupt (no 'returns')"),
+        ("eval.json", '{"returns": "high", "timesteps": 2000}', "'returns' must be a non-empty"),
+        ("eval.json", '{"returns": [], "timesteps": 2000}', "'returns' must be a non-empty"),
+        ("eval.json", '{"returns": [1], "timesteps": "2000"}', "'timesteps' must be a number"),
+        ("eval.json", '{"returns": [1], "deterministic": "yes"}', "'deterministic' must be"),
+        ("summary.json", "\x00\x00", "is corrupt (not valid JSON"),
+        ("summary.json", '{"steps_per_second": "fast"}', "'steps_per_second' must be a number"),
+        ("evaluations.jsonl", '{"timesteps": 1000, "wall\n{"timesteps": 2000}\n',
+         "line 1 is not valid JSON"),
+        ("evaluations.jsonl", '{"timesteps": 1000, "returns": [1]}\n', "line 1 has no 'wall_"),
+        ("evaluations.jsonl", '{"timesteps": 1000, "wall_seconds": 1, "returns": {"a": 1}}\n',
+         "line 1: 'returns' must be a non-empty list"),
+        ("evaluations.jsonl", '[1, 2]\n', "line 1 is not a JSON object"),
+        ("vae.json", "{", "is corrupt (not valid JSON"),
+    ],
+)
+def test_compare_names_the_corrupt_file_in_one_line(
+    file: str, content: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = [agent_run(tmp_path, "a", 0), agent_run(tmp_path, "b", 1)]
+    (runs[1] / file).write_text(content)
+    before = files_under(tmp_path)
+    out = tmp_path / "report"
+    assert main(["-q", "compare", *map(str, runs), "--out", str(out)]) == 2
+    line = one_error_line(capsys, "compare")
+    assert line.startswith(f"{runs[1] / file} is corrupt"), line
+    assert expected in line
+    assert files_under(tmp_path) == before and not out.exists()
+
+
+def test_compare_ignores_a_torn_last_evaluation_line(tmp_path: Path) -> None:
+    from agents.compare import load_agent_run
+
+    run = agent_run(tmp_path, "a", 0)
+    with open(run / "evaluations.jsonl", "a") as f:
+        f.write('{"timesteps": 3000, "wall_sec')  # a write interrupted by a crash
+    assert list(load_agent_run(run).steps) == [1000, 2000]
+
+
+def test_compare_out_naming_a_file_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = [agent_run(tmp_path, "a", 0), agent_run(tmp_path, "b", 1)]
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    before = files_under(tmp_path)
+    assert main(["-q", "compare", *map(str, runs), "--out", str(notes)]) == 2
+    line = one_error_line(capsys, "compare")
+    assert line == f"--out {notes} is a file; pass a folder for the run"
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["same path", "other spelling", "copy"])
+def test_compare_refuses_one_run_given_twice(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    a = agent_run(tmp_path, "a", 0)
+    b = agent_run(tmp_path, "b", 1)
+    twin = {"same path": a, "other spelling": Path("a/../a/"),
+            "copy": Path(shutil.copytree(a, tmp_path / "a-copy"))}[how]
+    before = files_under(tmp_path)
+    out = tmp_path / "report"
+    assert main(["-q", "compare", str(a), str(b), str(twin), "--out", str(out)]) == 2
+    line = one_error_line(capsys, "compare")
+    what = ("copies (same config.yaml and identical evaluations)" if how == "copy"
+            else "the same folder")
+    assert line == (f"{a} and {twin} are {what} of one run, which would count as two seeds: "
+                    "pass each run once")
+    assert files_under(tmp_path) == before and not out.exists()
