@@ -12,7 +12,7 @@ import logging
 import pickle
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from gymnasium import spaces
@@ -300,3 +300,77 @@ def load_model(
         raise UserError(
             f"{checkpoint}: cannot load the agent ({type(e).__name__}: {_line(e)})"
         ) from e
+
+
+#: The replay buffer of an off-policy run (:func:`save_replay_buffer`), and the pickle older
+#: versions wrote instead (never loaded).
+REPLAY_FILE = "replay_buffer.npz"
+LEGACY_REPLAY_FILE = "replay_buffer.pkl"
+_REPLAY_META = "__meta__"
+_REPLAY_FORMAT = "replay_buffer/1"
+
+
+def replay_arrays(buffer: Any) -> dict[str, Any]:
+    """The numpy arrays of a replay buffer (its transitions), by attribute name."""
+    import numpy as np
+
+    return {k: v for k, v in vars(buffer).items() if isinstance(v, np.ndarray)}
+
+
+def save_replay_buffer(model: BaseAlgorithm, file: IO[bytes]) -> None:
+    """Write the model's replay buffer as NPZ: its arrays, and ``pos``/``full`` as JSON."""
+    import json
+
+    import numpy as np
+
+    buffer = model.replay_buffer  # type: ignore[attr-defined]
+    meta = {"format": _REPLAY_FORMAT, "class": type(buffer).__name__,
+            "pos": int(buffer.pos), "full": bool(buffer.full)}
+    encoded = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays: dict[str, Any] = {**replay_arrays(buffer), _REPLAY_META: encoded}
+    np.savez(file, **arrays)
+
+
+def load_replay_buffer(model: BaseAlgorithm, path: Path) -> None:
+    """Fill the model's (freshly allocated) replay buffer from :func:`save_replay_buffer`'s NPZ.
+
+    Read with ``allow_pickle=False``; every array must have the shape and dtype of the buffer
+    the config allocates.
+
+    :raises UserError: an unreadable, truncated or mismatched file (one line).
+    """
+    import json
+    import zipfile
+
+    import numpy as np
+
+    buffer = model.replay_buffer  # type: ignore[attr-defined]
+    want = replay_arrays(buffer)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(npz[_REPLAY_META].tobytes().decode())
+            if meta.get("format") != _REPLAY_FORMAT or meta.get("class") != type(buffer).__name__:
+                raise ValueError(f"a {meta.get('class')} in format {meta.get('format')!r}, "
+                                 f"expected a {type(buffer).__name__} in {_REPLAY_FORMAT!r}")
+            got = {k: npz[k] for k in npz.files if k != _REPLAY_META}
+        if set(got) != set(want):
+            raise ValueError(f"arrays {sorted(got)}, expected {sorted(want)}")
+        for name, array in got.items():
+            if array.shape != want[name].shape or array.dtype != want[name].dtype:
+                raise ValueError(
+                    f"{name} is {array.dtype}{list(array.shape)}, this config's buffer "
+                    f"{want[name].dtype}{list(want[name].shape)} (buffer_size or n_envs changed?)"
+                )
+        pos, full = meta["pos"], meta["full"]
+        size = buffer.buffer_size
+        if not isinstance(pos, int) or not isinstance(full, bool) or not 0 <= pos < size:
+            raise ValueError(f"bad pos/full {pos!r}/{full!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+            zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(
+            f"{path}: unreadable replay buffer ({type(e).__name__}: {_line(e)}); delete it to "
+            "resume with an empty replay buffer"
+        ) from e
+    for name, array in got.items():
+        setattr(buffer, name, array)
+    buffer.pos, buffer.full = pos, full

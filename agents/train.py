@@ -16,8 +16,9 @@ Top to bottom, :func:`run`:
 
 Run folder: ``config.yaml``, ``vae.json`` (latent modes), ``evaluations.jsonl`` (one record per
 evaluation: ``timesteps``, ``wall_seconds``, ``elapsed_seconds``, ``returns``, ``lengths``,
-``mean_return``, ``std_return``), ``best_model.zip``, ``last.zip`` (+ ``replay_buffer.pkl`` for
-off-policy algorithms when small enough, ``vecnormalize.pkl`` with reward normalisation),
+``mean_return``, ``std_return``), ``best_model.zip``, ``last.zip`` (+ ``replay_buffer.npz`` for
+off-policy algorithms when small enough, ``vecnormalize.json`` with reward normalisation; no
+file of a run folder is ever unpickled),
 ``train_state.json``, ``summary.json``, TensorBoard ``events.*`` and ``progress.csv``
 (``progress_<n>.csv`` for the n-th resumed session).
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -49,8 +49,23 @@ from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from agents.encoders import load_encoder, prepare_encoder, read_vae_record
 from agents.evaluate import retire_eval
 from agents.hyperparams import parse_hyperparams
-from agents.models import agent_device, algo_class, full_policy_kwargs, load_model
-from agents.wrapping import EVAL_SEED_OFFSET, make_agent_env
+from agents.models import (
+    LEGACY_REPLAY_FILE,
+    REPLAY_FILE,
+    agent_device,
+    algo_class,
+    full_policy_kwargs,
+    load_model,
+    load_replay_buffer,
+    save_replay_buffer,
+)
+from agents.wrapping import (
+    EVAL_SEED_OFFSET,
+    LEGACY_NORMALIZE_FILE,
+    NORMALIZE_FILE,
+    make_agent_env,
+    save_normalization,
+)
 from worldmodel.errors import UserError
 from worldmodel.io import (
     append_jsonl,
@@ -263,12 +278,12 @@ def save_checkpoint(
         if isinstance(model, OffPolicyAlgorithm) and cfg.agent.replay_buffer_max_mb > 0:
             size = _replay_buffer_mb(model)
             if size <= cfg.agent.replay_buffer_max_mb:
-                atomic_write(run_dir / "replay_buffer.pkl", model.save_replay_buffer)  # type: ignore[arg-type]
+                atomic_write(run_dir / REPLAY_FILE, lambda f: save_replay_buffer(model, f))
             else:
                 log.info("replay buffer not saved: %.0f MB > agent.replay_buffer_max_mb", size)
         normalize = model.get_vec_normalize_env()
         if normalize is not None:
-            atomic_write(run_dir / "vecnormalize.pkl", lambda f: pickle.dump(normalize, f))
+            save_normalization(normalize, run_dir / NORMALIZE_FILE)
         save_model(model, run_dir / "last.zip")
         atomic_write_json(run_dir / "train_state.json", {
             "timesteps": int(model.num_timesteps),
@@ -296,8 +311,8 @@ def check_action_space(algo: str, space: spaces.Space[Any], env_id: str) -> None
 #: Files of an attempt killed before its first ``last.zip``, removed when the run starts over.
 STALE_FILES = (
     "evaluations.jsonl", "train_state.json", "summary.json", "eval.json", "best_model.zip",
-    "vecnormalize.pkl", "replay_buffer.pkl", "vae.json", "random_encoder.pt", "progress*.csv",
-    "events.*",
+    NORMALIZE_FILE, LEGACY_NORMALIZE_FILE, REPLAY_FILE, LEGACY_REPLAY_FILE, "vae.json",
+    "random_encoder.pt", "progress*.csv", "events.*",
 )
 
 
@@ -352,10 +367,14 @@ def _build_model(
     hyper = parse_hyperparams(cfg.agent.hyperparams, algo, env.action_space)
     if resume:
         model = load_model(out, cfg, out / "last.zip", env=env, device=device)
-        buffer = out / "replay_buffer.pkl"
+        buffer = out / REPLAY_FILE
         if isinstance(model, OffPolicyAlgorithm):
             if buffer.is_file():
-                model.load_replay_buffer(buffer)
+                load_replay_buffer(model, buffer)
+            elif (out / LEGACY_REPLAY_FILE).is_file():
+                log.warning("%s (a pickle of an older version) is not loaded: unpickling can run "
+                            "code; resuming %s with an empty replay buffer",
+                            out / LEGACY_REPLAY_FILE, cfg.agent.algo)
             else:
                 log.warning("resuming %s with an empty replay buffer", cfg.agent.algo)
         return model
@@ -433,7 +452,7 @@ def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder) -> None:
     folder.save_config(cfg)
     gamma = float(cfg.agent.hyperparams.get("gamma", 0.99))
     env = make_agent_env(cfg, encoder, n_envs=cfg.env.n_envs, seed=cfg.seed, gamma=gamma,
-                         normalize_from=out / "vecnormalize.pkl" if resume else None)
+                         normalize_from=out / NORMALIZE_FILE if resume else None)
     eval_env = None
     try:
         check_action_space(cfg.agent.algo, env.action_space, cfg.env.id)

@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from worldmodel.config import Config
     from worldmodel.vae import LoadedVAE
 
+#: The reward-normalisation statistics of an agent run (:func:`save_normalization`), and the
+#: pickle older versions wrote instead (never loaded).
+NORMALIZE_FILE = "vecnormalize.json"
+LEGACY_NORMALIZE_FILE = "vecnormalize.pkl"
+NORMALIZE_FORMAT = "vecnormalize/1"
+
 #: Periodic and final evaluations use seeds ``seed + EVAL_SEED_OFFSET + i``, away from training's.
 EVAL_SEED_OFFSET = 1000
 
@@ -111,7 +117,8 @@ def make_agent_env(
     :param seed: env ``i`` is seeded ``seed + i``.
     :param training: ``False`` for evaluation envs (reward normalisation frozen and off).
     :param gamma: discount of the reward normalisation.
-    :param normalize_from: a saved ``VecNormalize`` (``vecnormalize.pkl``) to restore.
+    :param normalize_from: reward statistics to restore (``vecnormalize.json``, see
+        :func:`load_normalization`); a missing file leaves fresh ones.
     :param recorder: insert a :class:`VecFrameRecorder` above the raw frames.
     """
     from envs import make_vec_env
@@ -121,14 +128,76 @@ def make_agent_env(
         venv = VecFrameRecorder(venv)
     venv = wrap_observations(venv, cfg, encoder)
     if cfg.agent.normalize_reward:
-        if normalize_from is not None and normalize_from.is_file():
-            venv = VecNormalize.load(str(normalize_from), venv)
-            venv.training, venv.norm_reward = training, training
-        else:
-            venv = VecNormalize(
-                venv, training=training, norm_obs=False, norm_reward=training, gamma=gamma
-            )
+        venv = VecNormalize(
+            venv, training=training, norm_obs=False, norm_reward=training, gamma=gamma
+        )
+        if normalize_from is not None:
+            load_normalization(normalize_from, venv)
     return venv
+
+
+def save_normalization(venv: VecNormalize, path: Path) -> None:
+    """Write the reward-normalisation statistics of ``venv`` to ``path`` as JSON (no pickle).
+
+    ``returns`` (the running discounted return of each env's current episode) is recorded for
+    inspection only: a resumed session resets its envs, so it starts from zeros.
+    """
+    from worldmodel.io import atomic_write_json
+
+    rms = venv.ret_rms
+    atomic_write_json(path, {
+        "format": NORMALIZE_FORMAT,
+        "ret_rms": {"mean": float(rms.mean), "var": float(rms.var), "count": float(rms.count)},
+        "clip_obs": float(venv.clip_obs),
+        "clip_reward": float(venv.clip_reward),
+        "gamma": float(venv.gamma),
+        "epsilon": float(venv.epsilon),
+        "returns": [float(r) for r in np.asarray(venv.returns).ravel()],
+    })
+
+
+def load_normalization(path: Path, venv: VecNormalize) -> None:
+    """Restore the statistics :func:`save_normalization` wrote into ``venv`` (training flags kept).
+
+    Nothing is unpickled; a missing ``path`` leaves fresh statistics, unless an older version's
+    ``vecnormalize.pkl`` sits beside it (refused: a pickle can run code).
+
+    :raises UserError: an unreadable, truncated or inconsistent statistics file (one line).
+    """
+    import json
+
+    from worldmodel.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        legacy = path.with_name(LEGACY_NORMALIZE_FILE)
+        if legacy.is_file():
+            raise UserError(
+                f"{legacy}: reward statistics saved as a pickle by an older version are not "
+                f"loaded (unpickling can run code); delete it to resume with fresh statistics"
+            )
+        return
+    try:
+        state = json.loads(path.read_text())
+        if state.get("format") != NORMALIZE_FORMAT:
+            raise ValueError(f"format {state.get('format')!r}, expected {NORMALIZE_FORMAT!r}")
+        rms = state["ret_rms"]
+        mean, var, count = (float(rms[k]) for k in ("mean", "var", "count"))
+        scalars = {k: float(state[k]) for k in ("clip_obs", "clip_reward", "gamma", "epsilon")}
+        values = [mean, var, count, *scalars.values()]
+        if not all(np.isfinite(values)) or var < 0 or count <= 0 or scalars["epsilon"] <= 0:
+            raise ValueError("non-finite or out-of-range statistics")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"{path}: unreadable reward statistics ({type(e).__name__}: {msg}); delete it to "
+            "resume with fresh statistics"
+        ) from e
+    venv.ret_rms.mean = np.array(mean, dtype=np.float64)
+    venv.ret_rms.var = np.array(var, dtype=np.float64)
+    venv.ret_rms.count = count
+    venv.clip_obs, venv.clip_reward = scalars["clip_obs"], scalars["clip_reward"]
+    venv.gamma, venv.epsilon = scalars["gamma"], scalars["epsilon"]
 
 
 def find_wrapper(venv: VecEnv, cls: type[VecEnvWrapper]) -> Any:

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 from agent_testing import PIXEL_SIZE, SIZE, agent_config, make_vae_run
+from stable_baselines3.common.vec_env import VecNormalize
 
 from agents import train
+from agents.encoders import load_encoder
 from agents.extractor import vae_extractors
 from agents.models import algo_class, load_model
+from agents.wrapping import find_wrapper, make_agent_env
 from worldmodel.errors import UserError
 from worldmodel.io import read_json, read_jsonl
 from worldmodel.vae import load_vae
@@ -56,7 +59,7 @@ def test_each_algo_trains_in_each_obs_mode(
         assert space == (6, size, size)  # two stacked RGB frames, channels first
     assert (out / "vae.json").is_file() == (mode != "pixel")
     if algo in ("SAC", "TD3", "DQN"):
-        assert (out / "replay_buffer.pkl").is_file()
+        assert (out / "replay_buffer.npz").is_file() and not (out / "replay_buffer.pkl").exists()
 
 
 def test_finetune_trains_the_encoder_and_latent_mode_leaves_the_vae_alone(
@@ -158,10 +161,39 @@ def test_other_preprocessing_is_a_warning(
 def test_normalize_reward_saves_its_statistics(vae_run: Path, tmp_path: Path) -> None:
     cfg = agent_config("latent", "PPO", "agent.normalize_reward=true")
     out = train.run(cfg, tmp_path / "run", vae=vae_run)
-    assert (out / "vecnormalize.pkl").is_file()
+    assert (out / "vecnormalize.json").is_file() and not (out / "vecnormalize.pkl").exists()
+    stats = read_json(out / "vecnormalize.json")
+    assert stats["ret_rms"]["count"] > 1 and stats["gamma"] == 0.99
     returns = read_jsonl(out / "evaluations.jsonl")[-1]["returns"]
     assert all(-20 * 0.05 * np.sqrt(2) - 1e-6 <= r <= 1.0 for r in returns)  # raw env returns
     assert algo_class("PPO").__name__ == "PPO"
+    env = make_agent_env(cfg, load_encoder(out, cfg), n_envs=2, seed=0,
+                         normalize_from=out / "vecnormalize.json")
+    try:
+        restored = find_wrapper(env, VecNormalize)
+        assert restored.ret_rms.var == pytest.approx(stats["ret_rms"]["var"])
+        assert restored.ret_rms.count == stats["ret_rms"]["count"] and restored.norm_reward
+    finally:
+        env.close()
+    train.run(agent_config("latent", "PPO", "agent.normalize_reward=true", timesteps=192), out,
+              vae=vae_run, resume=True)
+    assert read_json(out / "vecnormalize.json")["ret_rms"]["count"] > stats["ret_rms"]["count"]
+
+
+def test_off_policy_resume_restores_the_replay_buffer(vae_run: Path, tmp_path: Path) -> None:
+    cfg = agent_config("latent", "DQN", timesteps=64)
+    out = train.run(cfg, tmp_path / "run", vae=vae_run)
+    with np.load(out / "replay_buffer.npz", allow_pickle=False) as npz:
+        saved = {k: npz[k] for k in npz.files}
+    model = load_model(out, cfg, out / "last.zip")
+    train.load_replay_buffer(model, out / "replay_buffer.npz")
+    buffer = model.replay_buffer  # type: ignore[attr-defined]
+    assert buffer.pos == 32 and not buffer.full  # 64 steps in 2 envs
+    np.testing.assert_array_equal(buffer.observations, saved["observations"])
+    np.testing.assert_array_equal(buffer.actions, saved["actions"])
+    train.run(agent_config("latent", "DQN", timesteps=128), out, vae=vae_run, resume=True)
+    with np.load(out / "replay_buffer.npz", allow_pickle=False) as npz:
+        assert npz["observations"][:32].tolist() == saved["observations"][:32].tolist()
 
 
 def test_clock_excludes_pauses_and_never_goes_back() -> None:
