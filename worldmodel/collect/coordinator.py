@@ -547,9 +547,12 @@ def _finish(job: _Job, manifest: dict[str, Any], before: dict[int, int]) -> Path
         "startup_seconds": round(first - progress.start, 3),
         "active_seconds": round(active, 3),
         "fps": round(progress.frames / active, 1),
-        # CPU seconds of the workers' env threads and of whole worker processes (env + writer)
+        # CPU seconds of the workers' env threads and of whole workers (env + writer processes)
         "cpu_main_seconds": round(sum(u["cpu_main"] for u in job.usage.values()), 3),
         "cpu_total_seconds": round(sum(u["cpu_total"] for u in job.usage.values()), 3),
+        # time the env loops waited for their writer (non-zero: writing limited the speed)
+        "writer_wait_seconds": round(sum(u.get("wait_writer", 0.0)
+                                         for u in job.usage.values()), 3),
     }
     manifest = read_manifest(loc)
     manifest["runs"] = [*manifest.get("runs", []), run_info]

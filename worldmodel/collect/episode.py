@@ -27,9 +27,9 @@ class Steps:
 
     obs: list[np.ndarray] = field(default_factory=list)
     action: list[Any] = field(default_factory=list)
-    reward: list[float] = field(default_factory=list)
-    terminated: list[bool] = field(default_factory=list)
-    truncated: list[bool] = field(default_factory=list)
+    reward: list[Any] = field(default_factory=list)  # floats (as the env returns them)
+    terminated: list[Any] = field(default_factory=list)  # bools (Python or NumPy)
+    truncated: list[Any] = field(default_factory=list)
     state: list[np.ndarray] | None = None
 
     @property
@@ -95,25 +95,31 @@ def run_episode(
     obs, info = env.reset(seed=env_seed)
     policy.reset(obs, info)
     ep = Steps(state=[] if "state" in info else None)
+    # Hot loop (Reach steps in ~13 us): bound methods and locals, plain values in the lists
+    # (np.asarray converts them when the batch is stacked).
     keep_obs = ep.obs.append if obs_sink is None else obs_sink
     states = ep.state
+    act, step = policy.act, env.step
+    add_action, add_reward = ep.action.append, ep.reward.append
+    add_terminated, add_truncated = ep.terminated.append, ep.truncated.append
+    cap = -1 if max_steps is None else max(max_steps, 1)
     t = 0
     while True:
         keep_obs(obs)
         if states is not None:
             states.append(info["state"])
-        action = policy.act(obs, info)
-        obs, reward, terminated, truncated, info = env.step(action)
+        action = act(obs, info)
+        obs, reward, terminated, truncated, info = step(action)
         t += 1
-        if max_steps is not None and t >= max_steps:
+        if t == cap:
             truncated = True
-        ep.action.append(action)
-        ep.reward.append(float(reward))
-        ep.terminated.append(bool(terminated))
-        ep.truncated.append(bool(truncated))
+        add_action(action)
+        add_reward(reward)
+        add_terminated(terminated)
+        add_truncated(truncated)
         if terminated or truncated:
             break
-        if on_steps is not None and t % 64 == 0:
+        if on_steps is not None and not t & 63:
             on_steps(64)
     if on_steps is not None:
         on_steps(t % 64 or 64)

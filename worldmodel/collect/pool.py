@@ -111,8 +111,7 @@ class _PoolRun:
         self.batch.append((slot.meta, ep))
         self.batch_bytes += ep.length * self.step_bytes
         slot.played += 1
-        if (self.batch_bytes >= self.spec.commit_bytes
-                or time.monotonic() - self.batch_start >= self.spec.commit_seconds):
+        if self.writer.due(self.batch_bytes, time.monotonic() - self.batch_start):
             self.flush()
 
     def flush(self) -> None:
@@ -188,9 +187,12 @@ def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
         results.put(("done", spec.worker, {"seconds": time.monotonic() - started,
                                            "cpu_main": time.thread_time() - cpu_main,
                                            "cpu_total": time.process_time() - cpu_all
-                                           + writer.cpu_seconds}))
+                                           + writer.cpu_seconds,
+                                           "wait_writer": writer.waited}))
     finally:
-        if not writer.closed:
+        if writer.closed:
+            writer.join()
+        else:
             writer.kill()
 
 
