@@ -105,7 +105,13 @@ def agent_observation_space(run_dir: Path, cfg: Config) -> spaces.Box:
         record = read_vae_record(run_dir)
         if record is None:
             raise UserError(f"{run_dir}: {VAE_RECORD_NAME} is missing; cannot rebuild the agent")
-        return latent_space(int(record["latent_dim"]), history)
+        try:
+            latent_dim = int(record["latent_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(
+                f"{run_dir}/{VAE_RECORD_NAME}: no valid latent_dim ({type(e).__name__})"
+            ) from e
+        return latent_space(latent_dim, history)
     h, w, c = cfg.env.obs_shape
     return spaces.Box(0, 255, (c * history, h, w), np.uint8)
 
