@@ -233,3 +233,81 @@ def test_compare_refuses_one_run_given_twice(
     assert line == (f"{a} and {twin} are {what} of one run, which would count as two seeds: "
                     "pass each run once")
     assert files_under(tmp_path) == before and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 3. data verify: committed episodes against the target, arrays against the index
+
+
+@pytest.mark.parametrize("keep", [0, 2])
+def test_verify_fails_when_episode_index_lines_are_lost(
+    keep: int, reach16: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    data = Path(shutil.copytree(reach16, tmp_path / "data"))
+    index = data / "shards" / "w0.episodes.jsonl"
+    lines = index.read_text().splitlines(keepends=True)
+    assert len(lines) == 4
+    if keep:
+        index.write_text("".join(lines[:keep]))
+    else:
+        index.unlink()
+    before = files_under(data)
+    assert main(["data", "verify", str(data)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    missing = "0-3" if keep == 0 else "2-3"
+    assert out[0].startswith(f"BAD episodes {missing} of the 4 requested are not committed "
+                             f"({keep} are); shard w0 holds "), out
+    assert "steps past its last committed episode: its episode index has lost episodes" in out[0]
+    assert out[-1] == f"verify: 1 problem(s) in {data}"
+    assert files_under(data) == before  # verify only reads
+
+
+def test_verify_names_an_interrupted_collection_and_passes_a_complete_one(
+    reach16: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    assert main(["data", "verify", str(reach16)]) == 0
+    assert capsys.readouterr().out.startswith("verify: OK, 4 episodes")
+    data = Path(shutil.copytree(reach16, tmp_path / "data"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["target"] = {"episodes": 6, "frames": None}  # as a killed `collect` of 6 leaves it
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["data", "verify", str(data)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"BAD episodes 4-5 of the 6 requested are not committed (4 are); the "
+                      "collection was interrupted or an episode index lost them; re-run "
+                      f"`worldmodel collect --config {data}/config.yaml --out {data}` to "
+                      "collect them again")
+
+
+def test_verify_checks_frames_targets_and_array_lengths(
+    reach16: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    import zarr
+
+    from worldmodel.dataset import open_dataset
+
+    data = Path(shutil.copytree(reach16, tmp_path / "data"))
+    lengths = [e["length"] for e in open_dataset(data).episode_index()]
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["target"] = {"episodes": None, "frames": sum(lengths)}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["data", "verify", str(data)]) == 0
+    manifest["target"]["frames"] = sum(lengths) + 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["data", "verify", str(data)]) == 1
+    assert f"BAD episodes 0-3 hold {sum(lengths)} of the {sum(lengths) + 1} frames" in (
+        capsys.readouterr().out)
+    manifest["target"]["frames"] = sum(lengths)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    zarr.open_array(str(data / "shards" / "w0.zarr" / "reward"), mode="a").resize((3,))
+    assert main(["data", "verify", str(data)]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD shard w0: reward holds 3 steps but its index commits {sum(lengths)}" in out

@@ -759,14 +759,105 @@ def _check_episode(reader: DatasetReader, entry: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _id_ranges(ids: Sequence[int], limit: int = 6) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"`` (at most ``limit`` ranges, then ``...``)."""
+    ranges: list[str] = []
+    for _, run in itertools.groupby(enumerate(sorted(ids)), key=lambda p: p[1] - p[0]):
+        values = [v for _, v in run]
+        ranges.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
+    more = ", ..." if len(ranges) > limit else ""
+    return ", ".join(ranges[:limit]) + more
+
+
+def _committed_ends(reader: DatasetReader) -> dict[str, int]:
+    """Per shard with committed episodes, the step after its last one."""
+    ends: dict[str, int] = {}
+    for entry in reader.episode_index():
+        end = int(entry["start"]) + int(entry["length"])
+        ends[entry["shard"]] = max(ends.get(entry["shard"], 0), end)
+    return ends
+
+
+def _shard_steps(reader: DatasetReader) -> tuple[dict[str, int], list[str]]:
+    """Per shard, the steps its arrays hold (the shortest array), and problems of the lengths.
+
+    An array shorter than the steps the shard's index commits has lost committed data.
+    """
+    committed = _committed_ends(reader)
+    held: dict[str, int] = {}
+    problems = []
+    for shard in reader.manifest.get("shards", []):
+        end = committed.get(shard, 0)
+        if not end and not reader.loc.exists(SHARDS, f"{shard}.zarr"):
+            continue  # a worker that never committed anything
+        lengths = {}
+        for name in reader.layout.fields():
+            try:
+                lengths[name] = int(reader.shard_array(shard, name).shape[0])
+            except UserError as e:
+                problems.append(f"shard {shard}: {e}".replace(f"{reader.loc}: ", ""))
+        if not lengths:
+            continue
+        held[shard] = min(lengths.values())
+        for name, n in lengths.items():
+            if n < end:
+                problems.append(f"shard {shard}: {name} holds {n} steps but its index commits "
+                                f"{end}: committed data is lost")
+    return held, problems
+
+
+def _check_target(reader: DatasetReader, held: dict[str, int]) -> list[str]:
+    """Committed episodes against the manifest's target (``collect.episodes`` or ``frames``).
+
+    Episodes missing from the target mean an interrupted collection or a lost episode index;
+    steps a shard holds past its committed episodes are named, as they point to the latter.
+    """
+    target = reader.manifest.get("target") or {}
+    ids = reader.episode_ids
+    lengths = {int(e["id"]): int(e["length"]) for e in reader.episode_index()}
+    if target.get("episodes"):
+        wanted = int(target["episodes"])
+        missing = sorted(set(range(wanted)) - set(ids))
+        if not missing:
+            return []
+        what = (f"episodes {_id_ranges(missing)} of the {wanted} requested are not committed "
+                f"({wanted - len(missing)} are)")
+    elif target.get("frames"):
+        wanted = int(target["frames"])
+        prefix = 0
+        while prefix in lengths:
+            prefix += 1
+        frames = sum(lengths[i] for i in range(prefix))
+        gaps = sorted(set(range(max(ids, default=-1) + 1)) - set(ids))
+        if frames >= wanted and not [g for g in gaps if g < prefix]:
+            return []
+        what = (f"episodes 0-{prefix - 1} hold {frames} of the {wanted} frames requested"
+                if prefix else f"none of the {wanted} frames requested are committed")
+        if gaps:
+            what += f" (episodes {_id_ranges(gaps)} are missing)"
+    else:
+        return []  # no target recorded (a dataset written by hand)
+    ends = _committed_ends(reader)
+    extra = [f"shard {s} holds {n - ends.get(s, 0)} steps past its last committed episode"
+             for s, n in held.items() if n > ends.get(s, 0)]
+    why = (f"; {', '.join(extra)}: its episode index has lost episodes"
+           if extra else "; the collection was interrupted or an episode index lost them")
+    return [f"{what}{why}; re-run `worldmodel collect --config {reader.loc}/config.yaml --out "
+            f"{reader.loc}` to collect them again"]
+
+
 def print_verify(path: PathLike) -> int:
     """Read every episode and check shapes, lengths, overlaps and checksums.
 
+    Also checks each shard's array lengths against its index, and the committed episodes
+    against the manifest's target (a deleted or truncated episode index loses episodes).
+
     :return: 0 when everything is intact, 1 when a problem was found (each bad episode is
-        printed with its id, shard and frame range).
+        printed with its id, shard and frame range; missing episodes with their ids).
     """
     reader = DatasetReader(path, allow_empty=True)
-    bad: list[str] = []
+    held, bad = _shard_steps(reader)
+    bad += _check_target(reader, held)
     ends: dict[str, list[tuple[int, int, int]]] = {}
     for entry in reader.episode_index():
         lo, n = int(entry["start"]), int(entry["length"])
