@@ -311,3 +311,31 @@ def test_verify_checks_frames_targets_and_array_lengths(
     assert main(["data", "verify", str(data)]) == 1
     out = capsys.readouterr().out
     assert f"BAD shard w0: reward holds 3 steps but its index commits {sum(lengths)}" in out
+
+
+# --------------------------------------------------------------------------------------------
+# 4. train-vae on a dataset of another env
+
+
+def test_train_vae_refuses_a_dataset_of_another_env(
+    reach16: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import TINY
+
+    out = tmp_path / "vae"
+    sets = [a for s in [*TINY, "env.id=CarRacing-v3", "vae.steps=1"] for a in ("--set", s)]
+    assert main(["-q", "train-vae", "--data", str(reach16), *sets, "--out", str(out)]) == 2
+    line = one_error_line(capsys, "train-vae")
+    assert line == (
+        f"dataset {reach16} was collected with other env settings than this config (env.id: "
+        "worldmodel/Reach-v0 in the dataset, CarRacing-v3 here): train on it with the dataset's "
+        f"settings, --set env.id=worldmodel/Reach-v0 (or start from --config {reach16}/config.yaml)"
+    )
+    assert not out.exists()  # nothing written, so no config.yaml naming the wrong env
+    assert main(["-q", "train-vae", "--data", str(reach16), *sets[:-4], "--set",
+                 "env.kwargs={size: 16, step_size: 0.5}", "--set", "vae.steps=1", "--out",
+                 str(out)]) == 2
+    line = one_error_line(capsys, "train-vae")
+    assert ('env.kwargs: {} in the dataset, {"size": 16, "step_size": 0.5} here): train on it '
+            "with the dataset's settings, --set env.kwargs={}") in line
+    assert not out.exists()

@@ -138,7 +138,12 @@ class Window:
 
 
 def check_dataset(reader: DatasetReader, cfg: Config, data: Path) -> None:
-    """Refuse a dataset whose frames do not fit the model ``cfg`` describes (``UserError``)."""
+    """Refuse a dataset whose frames do not fit the model ``cfg`` describes (``UserError``).
+
+    Frames of another shape, or of another env or preprocessing (``manifest.json``'s
+    ``preprocessing`` against ``cfg.env``: the run's ``config.yaml`` would name the wrong env),
+    are refused with the ``--set`` options that match the dataset.
+    """
     want = cfg.env.obs_shape
     if tuple(reader.frame_shape) != want:
         h, w, c = reader.frame_shape
@@ -153,8 +158,21 @@ def check_dataset(reader: DatasetReader, cfg: Config, data: Path) -> None:
         ours = cfg.env.model_dump(mode="json", include=set(stored))
         differ = sorted(k for k in stored if ours.get(k) != stored[k])
         if differ:
-            log.warning("dataset %s was collected with other env settings (%s) than this config",
-                        data, ", ".join(f"{k}={stored[k]!r}" for k in differ))
+            # The VAE's config.yaml would name an env its frames do not come from.
+            import json
+
+            def shown(value: Any) -> str:
+                return value if isinstance(value, str) else json.dumps(value)
+
+            what = "; ".join(f"env.{k}: {shown(stored[k])} in the dataset, {shown(ours.get(k))} "
+                             "here" for k in differ)
+            sets = " ".join(f"--set env.{k}={shown(stored[k])}" for k in differ)
+            config = Path(str(data)) / "config.yaml"
+            also = f" (or start from --config {config})" if config.is_file() else ""
+            raise UserError(
+                f"dataset {data} was collected with other env settings than this config ({what}):"
+                f" train on it with the dataset's settings, {sets}{also}"
+            )
 
 
 def open_run(
