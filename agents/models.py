@@ -3,6 +3,11 @@
 The policy is the mode's :attr:`~agents.modes.ObsModeSpec.default_policy` unless
 ``agent.policy`` is set; a mode with ``encoder_in_policy`` (``latent-finetune``) adds a
 ``VAEFeaturesExtractor`` built from the run's ``vae.json``.
+
+Loading a run never executes code from it: :func:`load_model` supplies every entry SB3 would
+unpickle from a saved zip through ``custom_objects`` (rebuilt from ``config.yaml``) and refuses
+the others; SB3 reads the weights with ``torch.load(weights_only=True)``. The replay buffer is
+an NPZ read with ``allow_pickle=False`` (:func:`load_replay_buffer`).
 """
 
 from __future__ import annotations
