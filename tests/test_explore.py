@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +26,14 @@ import pytest
 
 from worldmodel.dataset import open_dataset
 from worldmodel.errors import UserError
-from worldmodel.explore import ApiError, Explorer, ExplorerServer, make_server
+from worldmodel.explore import (
+    MAX_DEPTH,
+    ApiError,
+    Explorer,
+    ExplorerServer,
+    json_depth,
+    make_server,
+)
 from worldmodel.vae import load_vae
 
 SIZE = 16  # frame side of conftest's tiny configs
@@ -242,6 +251,167 @@ def test_a_bug_is_a_500_with_json_and_a_log(
     assert (status, out) == (500, {"error": "internal error: RuntimeError: boom"})
     assert "GET /api/info failed" in caplog.text and "Traceback" in caplog.text
     assert _get(server.url + "api/frame?episode=0&t=0")[0] == 200  # the server goes on
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile clients: deep JSON, stalled uploads, too many connections
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+def test_json_depth_counts_brackets_outside_strings() -> None:
+    for depth in range(40):
+        assert json_depth(json.dumps(_nested(depth)).encode()) == depth
+    assert json_depth(json.dumps({"z": [0.5] * LATENT}).encode()) == 2
+    assert json_depth(b'{"a": "[[[{{", "b": "\\"[[\\\\", "c": [["\\\\"]]}') == 3
+    assert json_depth(json.dumps(["\u00e9[\"\\[", [["{"]]], ensure_ascii=False).encode()) == 3
+    assert json_depth(b"[" * 100_000) == 100_000  # unterminated: no parser, no recursion
+    assert json_depth(b"") == json_depth(b"]]]") == json_depth(b'"[[[') == 0
+
+
+@contextlib.contextmanager
+def _serving(explorer: Explorer, **kwargs: Any) -> Iterator[ExplorerServer]:
+    """An :class:`ExplorerServer` with ``kwargs`` (short timeouts), serving from a thread."""
+    srv = ExplorerServer(("127.0.0.1", 0), explorer, **kwargs)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def _handler_threads(server: ExplorerServer) -> int:
+    """Live threads serving a connection of ``server``."""
+    name = f"explore connection :{server.server_address[1]}"
+    return sum(t.name == name for t in threading.enumerate())
+
+
+def _wait_for(condition: Any, limit: float) -> float:
+    """Poll ``condition()`` until true; the seconds it took (fails past ``limit``)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < limit, "condition not met in time"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _stall(server: ExplorerServer, n: int) -> list[socket.socket]:
+    """``n`` clients that announce a 100-byte body (some send 10 bytes of it), then stop."""
+    host, port = server.server_address[:2]
+    socks = []
+    for i in range(n):
+        s = socket.create_connection((str(host), port), timeout=5)
+        s.sendall(b"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n"
+                  + b'{"z": [0, ' * (i % 2))
+        socks.append(s)
+    return socks
+
+
+def _decode_status(server: ExplorerServer) -> tuple[int, float]:
+    """Status of one valid decode request, and the seconds it took."""
+    start = time.monotonic()
+    status, _ = _post(server.url + "api/decode", json.dumps({"z": [0.0] * LATENT}).encode())
+    return status, time.monotonic() - start
+
+
+def test_deeply_nested_body_is_a_400_and_the_server_goes_on(
+    explorer: Explorer, caplog: pytest.LogCaptureFixture
+) -> None:
+    deep = MAX_DEPTH + 1
+    bodies = [
+        b"[" * 200_000,  # unterminated
+        b'{"z": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        json.dumps({"z": _nested(deep)}).encode(),
+    ]
+    with caplog.at_level(logging.DEBUG, logger="worldmodel"), _serving(explorer) as srv:
+        for body in bodies:
+            status, out = _post(srv.url + "api/decode", body)
+            assert (status, out) == (400, {"error": f"JSON body nested deeper than "
+                                                    f"{MAX_DEPTH} levels"}), body[:20]
+            assert _decode_status(srv)[0] == 200  # the server goes on
+        # Brackets in strings are not nesting; the limit itself is fine (then z is wrong).
+        ok = json.dumps({"z": [0.0] * LATENT, "note": "[" * 1000}).encode()
+        assert _post(srv.url + "api/decode", ok)[0] == 200
+        status, out = _post(srv.url + "api/decode",
+                            json.dumps({"z": _nested(MAX_DEPTH - 1)}).encode())
+        assert status == 400 and "z must be" in out["error"]
+        assert _post(srv.url + "api/decode", "{\"z\": [0, 0, 0, 0]}".encode("utf-16"))[0] == 400
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+
+
+def test_stalled_uploads_are_dropped_after_the_timeout(explorer: Explorer) -> None:
+    timeout = 1.0
+    with _serving(explorer, request_timeout=timeout, max_connections=64) as srv:
+        host, port = srv.server_address[:2]
+        assert _handler_threads(srv) == 0
+        socks = _stall(srv, 60)
+        # A slow-loris: one header byte at a time, each well within the socket timeout.
+        loris = socket.create_connection((str(host), port), timeout=5)
+        loris.sendall(b"GET /api/info HTTP/1.1\r\n")
+        socks.append(loris)
+        started = time.monotonic()
+        _wait_for(lambda: _handler_threads(srv) == 61, 3)
+        status, took = _decode_status(srv)  # served meanwhile, by a free thread
+        assert status == 200 and took < timeout / 2
+        trickled = 0
+        while _handler_threads(srv) and time.monotonic() - started < 3 * timeout:
+            with contextlib.suppress(OSError):
+                loris.sendall(b"X")
+                trickled += 1
+            time.sleep(0.1)
+        dropped_after = time.monotonic() - started
+        assert _handler_threads(srv) == 0, "stalled connections still hold threads"
+        assert timeout * 0.8 < dropped_after < 2.5 * timeout, dropped_after
+        assert trickled >= 5  # the slow-loris kept sending, and was dropped all the same
+        for s in socks:  # every stalled client sees its connection closed
+            s.settimeout(1)
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(1024) == b""
+            s.close()
+        assert srv.refused_connections == 0 and srv.active_connections == 0
+        status, took = _decode_status(srv)
+        assert status == 200 and took < timeout / 2
+
+
+def test_connections_past_the_bound_get_a_quick_503(explorer: Explorer) -> None:
+    bound, timeout = 4, 1.5
+    with _serving(explorer, request_timeout=timeout, max_connections=bound) as srv:
+        socks = _stall(srv, bound + 6)
+        peak = 0
+
+        def threads() -> int:
+            nonlocal peak
+            peak = max(peak, _handler_threads(srv))
+            return peak
+
+        _wait_for(lambda: threads() == bound and srv.refused_connections == 6, 3)
+        for _ in range(5):
+            start = time.monotonic()
+            status, out = _raw(srv, "GET", {"Host": "127.0.0.1"})
+            assert status == 503 and "server busy" in out["error"]
+            assert time.monotonic() - start < 0.5
+            threads()
+        assert _decode_status(srv)[0] == 503
+        answers = []
+        for s in socks:
+            s.settimeout(3 * timeout)
+            answers.append(s.recv(1024))  # 503 at once, or the close after the timeout
+            s.close()
+        assert sum(a.startswith(b"HTTP/1.1 503 ") for a in answers) == 6
+        assert answers.count(b"") == bound
+        _wait_for(lambda: _handler_threads(srv) == 0, 2)
+        assert peak == srv.peak_connections == bound
+        assert _decode_status(srv)[0] == 200  # slots free again
 
 
 def test_port_in_use_is_a_user_error(setup: dict[str, Path]) -> None:

@@ -21,19 +21,29 @@ Errors come back as ``{"error": "..."}`` with status 400 or 404 (500, logged, fo
 server binds 127.0.0.1 unless told otherwise, and Ctrl-C stops it cleanly. Bound to a loopback
 address, it answers only requests whose ``Host`` is ``127.0.0.1``, ``localhost`` or ``[::1]``
 (any port): a web page elsewhere cannot reach it through DNS rebinding.
+
+A client cannot hold the server: each request (its line, headers and body, or the idle wait
+for the next request on a kept-alive connection) must arrive within ``request_timeout`` seconds
+in all, else the connection is closed; at most ``max_connections`` connections are served at
+once (one thread each), and a connection past that bound gets a 503 ``{"error": ...}`` straight
+from the accepting thread. A JSON body nested deeper than :data:`MAX_DEPTH` is a 400, found by
+a scan before parsing (the parser recurses).
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import ipaddress
 import json
 import logging
 import re
 import signal
 import socket
+import sys
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,12 +61,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("worldmodel")
 
-__all__ = ["ApiError", "Explorer", "ExplorerServer", "make_server", "serve"]
+__all__ = ["MAX_DEPTH", "ApiError", "Explorer", "ExplorerServer", "json_depth", "make_server",
+           "serve"]
 
 #: Largest request body accepted (a latent vector as JSON is far smaller).
 MAX_BODY = 1 << 20
+#: Deepest nesting of arrays and objects accepted in a request body (``{"z": [...]}`` is 2).
+MAX_DEPTH = 32
 #: ``Host`` headers accepted by a server bound to a loopback address (any port).
 LOCAL_HOST = re.compile(r"(127\.0\.0\.1|localhost|\[::1\])(:\d{1,5})?", re.IGNORECASE)
+#: A JSON escape (``\"``, ``\\``, ...): replaced by two neutral bytes before counting depth.
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
 
 
 class ApiError(Exception):
@@ -65,6 +80,21 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in the UTF-8 JSON text ``raw``, without parsing it.
+
+    Brackets inside strings do not count. Linear time, no recursion, whatever ``raw`` holds:
+    for a valid JSON prefix this is exactly the parser's depth, so the parser (which stops at
+    the first error) never goes deeper than this says.
+    """
+    flat = np.frombuffer(_ESCAPE.sub(b"__", raw), np.uint8)  # escaped quotes gone
+    inside = np.cumsum(flat == ord('"'), dtype=np.int32) % 2 == 1  # in a string (or its quote)
+    step = np.isin(flat, (ord("["), ord("{"))).astype(np.int32)
+    step -= np.isin(flat, (ord("]"), ord("}")))
+    step[inside] = 0
+    return int(np.cumsum(step, dtype=np.int32).max(initial=0))
 
 
 def _png_uri(image: np.ndarray) -> str:
@@ -197,14 +227,35 @@ class ExplorerServer(ThreadingHTTPServer):
 
     :param address: ``(host, port)``; port 0 picks a free port.
     :param explorer: the state behind the API.
+    :param request_timeout: seconds a client has to send each whole request (line, headers,
+        body), counted from the end of the previous one; also the socket timeout of every
+        read and write. A stalled client is disconnected after this.
+    :param max_connections: connections served at once, one thread each; a connection past
+        the bound gets an immediate 503 from the accepting thread, no thread of its own.
     """
 
     daemon_threads = True
+    block_on_close = False  # Ctrl-C does not wait for kept-alive browser connections
+    request_queue_size = 128  # listen backlog: a burst of connects is accepted, then refused
 
-    def __init__(self, address: tuple[str, int], explorer: Explorer) -> None:
+    def __init__(self, address: tuple[str, int], explorer: Explorer,
+                 request_timeout: float = 5.0, max_connections: int = 32) -> None:
         from importlib.resources import files
 
+        if request_timeout <= 0 or max_connections < 1:
+            raise ValueError("request_timeout must be > 0 and max_connections >= 1")
         self.explorer = explorer
+        self.request_timeout = float(request_timeout)
+        self.max_connections = int(max_connections)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._count_lock = threading.Lock()
+        #: Connections being served now, and the most served at once so far.
+        self.active_connections = self.peak_connections = 0
+        #: Connections refused with a 503 so far.
+        self.refused_connections = 0
+        # Refused sockets, kept open a moment so the client reads the 503 (closing a socket
+        # whose request is still arriving resets the connection and loses the answer).
+        self._refused: deque[tuple[float, socket.socket]] = deque()
         self.page = files("worldmodel").joinpath("static", "explore.html").read_bytes()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -213,6 +264,85 @@ class ExplorerServer(ThreadingHTTPServer):
         host = host if isinstance(host, str) else host.decode()
         #: Whether requests must name a local ``Host`` (no DNS rebinding).
         self.local_only = ipaddress.ip_address(host.split("%")[0]).is_loopback
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a thread of its own, or refuse it (503) past the bound."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        with self._count_lock:
+            self.active_connections += 1
+            self.peak_connections = max(self.peak_connections, self.active_connections)
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), daemon=True,
+                                  name=f"explore connection :{self.server_address[1]}")
+        try:
+            thread.start()
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self.active_connections -= 1
+        self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer 503 without reading the request; close the socket a little later."""
+        body = json.dumps({"error": f"server busy: {self.max_connections} connections "
+                                    "open already, try again"}).encode()
+        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n"
+                "Cache-Control: no-store\r\n\r\n")
+        with self._count_lock:
+            self.refused_connections += 1
+        try:
+            request.setblocking(False)  # never wait in the accepting thread
+            request.send(head.encode() + body)  # a fresh socket's buffer takes it whole
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.shutdown_request(request)
+            return
+        self._refused.append((time.monotonic() + 0.5, request))
+        while len(self._refused) > 256:  # a flood: close the oldest now
+            self._close_refused(self._refused.popleft()[1])
+        self.service_actions()
+
+    def _close_refused(self, request: socket.socket) -> None:
+        try:
+            for _ in range(16):  # the request, so that closing sends no reset (bounded work)
+                if not request.recv(65536):
+                    break
+        except OSError:
+            pass
+        request.close()
+
+    def service_actions(self) -> None:
+        """Close refused sockets whose moment has passed (called by ``serve_forever``)."""
+        now = time.monotonic()
+        while self._refused and self._refused[0][0] <= now:
+            self._close_refused(self._refused.popleft()[1])
+
+    def server_close(self) -> None:
+        """Stop listening and close refused sockets (served ones end by their timeout)."""
+        super().server_close()
+        while self._refused:
+            self._close_refused(self._refused.popleft()[1])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that broke is a debug line; anything else is logged with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("explore: connection from %s dropped: %r", client_address, error)
+        else:
+            log.exception("explore: error serving %s", client_address)
 
     @property
     def url(self) -> str:
@@ -238,9 +368,46 @@ def _int_arg(query: dict[str, list[str]], name: str, default: int | None = None)
         raise ApiError(400, f"{name} must be an integer, got {values[0]!r}") from None
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads, each allowed only the time left until :attr:`deadline`."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        super().__init__()
+        self.sock, self.timeout = sock, timeout
+        #: ``time.monotonic()`` by which the current request must have arrived.
+        self.deadline = time.monotonic() + timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(min(left, self.timeout))
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)  # writes keep the whole timeout
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: ExplorerServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        """Time out the socket, and read through a :class:`_DeadlineReader`."""
+        super().setup()
+        timeout = self.server.request_timeout
+        self.connection.settimeout(timeout)  # every read and write
+        self.rfile.close()  # the socket's own reader: replaced (the socket stays open)
+        self._reader = _DeadlineReader(self.connection, timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        """Give the next request :attr:`ExplorerServer.request_timeout` to arrive, whole."""
+        self._reader.deadline = time.monotonic() + self.server.request_timeout
+        super().handle_one_request()
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -312,8 +479,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": "expected a JSON body {\"z\": [...]}"})
             self.close_connection = True  # the body, if any, is left unread
             return
+        raw = self.rfile.read(length)  # TimeoutError past the deadline: connection closed
+        if len(raw) < length:  # the client closed its side early
+            self._json(400, {"error": f"body has {len(raw)} bytes, not Content-Length {length}"})
+            self.close_connection = True
+            return
+        if json_depth(raw) > MAX_DEPTH:
+            self._json(400, {"error": f"JSON body nested deeper than {MAX_DEPTH} levels"})
+            return
         try:
-            body = json.loads(self.rfile.read(length))
+            body = json.loads(raw.decode("utf-8"))
             z = body["z"]
         except (ValueError, KeyError, TypeError):
             self._json(400, {"error": "expected a JSON body {\"z\": [...]}"})
@@ -332,6 +507,8 @@ def make_server(
     port: int = 8765,
     max_frames: int = 2000,
     seed: int = 0,
+    request_timeout: float = 5.0,
+    max_connections: int = 32,
 ) -> ExplorerServer:
     """Load the VAE (and dataset), encode a sample and bind the server (not yet serving).
 
@@ -339,6 +516,9 @@ def make_server(
     :param data: a dataset to browse, or ``None`` (sliders only).
     :param host: interface to bind; ``127.0.0.1`` keeps the page local to this machine.
     :param port: TCP port; 0 picks a free one (see :attr:`ExplorerServer.url`).
+    :param request_timeout: seconds each request has to arrive whole (see
+        :class:`ExplorerServer`).
+    :param max_connections: connections served at once; more get a 503.
     :raises UserError: bad run or dataset, or a port that is taken.
     """
     vae, reader = load_inputs(Path(vae_run), None if data is None else Path(data))
@@ -346,7 +526,8 @@ def make_server(
         log.info("explore: encoding up to %d frames of %s", max_frames, data)
     explorer = Explorer(vae, reader, max_frames=max_frames, seed=seed)
     try:
-        return ExplorerServer((host, port), explorer)
+        return ExplorerServer((host, port), explorer, request_timeout=request_timeout,
+                              max_connections=max_connections)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another "
                         "--port, or --port 0 for any free one") from e
