@@ -335,8 +335,6 @@ def test_a_payload_in_a_vae_checkpoint_is_refused(
     assert not marker.exists()
 
 
-@pytest.mark.xfail(reason="worldmodel/vae.py load_checkpoint passes on torch's multi-line "
-                   "weights_only message (outside this change)", strict=False)
 def test_a_refused_vae_checkpoint_is_one_line(tmp_path: Path, marker: Path) -> None:
     plant_torch(tmp_path / "best.pt", marker)
     with pytest.raises(UserError) as e:

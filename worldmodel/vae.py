@@ -331,7 +331,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     try:
         data = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); it may be "
+            "truncated, or hold objects that are refused because loading them could run code"
+        ) from e
     if not isinstance(data, dict) or "model" not in data:
         raise UserError(f"{path}: not a VAE checkpoint of this project (no 'model' entry)")
     return data
