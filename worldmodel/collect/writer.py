@@ -27,6 +27,7 @@ leaves an uncommitted tail that the shard's next writer deletes.
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
@@ -38,7 +39,6 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -167,15 +167,16 @@ class WriterProcess:
         # starts early instead of idling while the env loop fills a whole first buffer.
         self.limit = max(spec.commit_bytes // 8, 1)
         ours, theirs = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[2])  # the folder holding `worldmodel`
-        env = {**os.environ,
-               "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
-                                             if p)}
-        code = "from worldmodel.collect.writer import writer_main; writer_main()"
+        # A fresh interpreter with this process's import path (as multiprocessing's spawn
+        # does), started with subprocess: a daemonic multiprocessing worker may not start
+        # multiprocessing children, and the writer needs none of the __main__ module.
+        code = ("import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
+                "from worldmodel.collect.writer import writer_main; writer_main()")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
+                [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid()),
+                 json.dumps(sys.path)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
             )
         finally:
             theirs.close()
@@ -270,7 +271,7 @@ class WriterProcess:
 
 
 def writer_main() -> None:
-    """The writer process: ``python -c ... FD PARENT_PID`` (started by :class:`WriterProcess`)."""
+    """The writer process: ``python -c ... FD PARENT_PID SYS_PATH`` (see :class:`WriterProcess`)."""
     import signal
 
     from worldmodel.collect.worker import die_with_parent
