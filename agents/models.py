@@ -25,7 +25,7 @@ from gymnasium import spaces
 from agents.encoders import VAE_RECORD as VAE_RECORD_NAME
 from agents.encoders import read_vae_record
 from agents.modes import get_mode
-from worldmodel.errors import UserError
+from worldmodel.errors import RunNotFoundError, UserError
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -288,7 +288,9 @@ def load_model(
     :raises UserError: when the file is missing, unreadable or holds anything we cannot rebuild.
     """
     if not checkpoint.is_file():
-        raise UserError(f"{checkpoint} not found; train the agent first (worldmodel train-agent)")
+        raise RunNotFoundError(
+            f"{checkpoint} not found; train the agent first (worldmodel train-agent)"
+        )
     algo = algo_class(cfg.agent.algo)
     raw, data = _read_zip(checkpoint)
     if env is not None:

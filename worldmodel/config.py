@@ -356,7 +356,11 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 def load_yaml_dict(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config, resolving ``extends: other.yaml`` (relative to the file) first."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long for the file system, ...
+        raise ConfigError(f"config file {str(path)[:80]!r}...: {e.strerror or e}") from None
+    if not found:
         raise ConfigNotFoundError(
             f"config file {str(path)!r} not found; pass an existing --config"
         )
@@ -373,13 +377,17 @@ def load_yaml_dict(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from e
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+        problem = " ".join(str(problem).split())  # one line, whatever the YAML error says
+        raise ConfigError(f"{path}{line}: not valid YAML ({problem})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data)}")
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base = load_yaml_dict(path.parent / str(parent), (*_seen, path.resolve()))
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: 'extends' must name a config file, got {parent!r}")
+    base = load_yaml_dict(path.parent / parent, (*_seen, path.resolve()))
     return _deep_merge(base, data)
 
 
@@ -456,7 +464,7 @@ def format_validation_error(err: ValidationError, model: type[Section] = Config)
             got = item.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"{key}: {msg[0].lower()}{msg[1:]}{shown}")
-    return "; ".join(lines)
+    return "; ".join(lines).replace("\r", "\\r").replace("\n", "\\n")  # one line
 
 
 def validate_config(data: Mapping[str, Any]) -> Config:

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from worldmodel.errors import UserError
+from worldmodel.errors import RunNotFoundError, UserError
 from worldmodel.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def require_kind(path: Path, kind: str, what: str) -> Path:
     """An input run of the right kind (e.g. ``--vae`` must be a ``vae`` run), or ``UserError``."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{what} {path} not found; pass an existing {kind} run folder")
+        raise RunNotFoundError(f"{what} {path} not found; pass an existing {kind} run folder")
     found = read_kind(path)
     if found != kind:
         shown = f"{_a(found)} run" if found else "not a run folder of this project"
