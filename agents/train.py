@@ -480,9 +480,13 @@ def _train(
     """Train to ``agent.timesteps``, evaluate, checkpoint; the summary (``None``: nothing to do)."""
     state = _read_state(out) if resume else {}
     session = len(list(out.glob("progress*.csv"))) if resume else 0
-    model.set_logger(_logger(out, session, model.num_timesteps + 1 if resume else None))
-    if resume:  # last.zip and train_state.json are two writes: a crash can leave either older
-        _trim_evaluations(out, min(state.get("timesteps", 0), model.num_timesteps))
+    # last.zip and train_state.json are two writes: a crash can leave the state older. The
+    # evaluations after the state's step go (their wall clock is past the resumed clock's), and
+    # TensorBoard hides the same steps, so the two logs keep the same evaluations.
+    kept = min(state.get("timesteps", 0), model.num_timesteps) if resume else None
+    model.set_logger(_logger(out, session, None if kept is None else kept + 1))
+    if kept is not None:
+        _trim_evaluations(out, kept)
     clock = Clock(state.get("wall_seconds", 0.0), state.get("elapsed_seconds", 0.0))
     evaluator = PeriodicEval(
         eval_env, out, clock, cfg.agent.eval_every, cfg.agent.eval_episodes,

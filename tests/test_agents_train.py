@@ -276,6 +276,11 @@ def test_resume_after_a_crash_between_the_checkpoint_writes(vae_run: Path, tmp_p
     assert [r["timesteps"] for r in records] == [64, 192, 256]
     seconds = [r["wall_seconds"] for r in records]
     assert seconds == sorted(seconds)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out))
+    events.Reload()  # TensorBoard hides the same dropped evaluation as evaluations.jsonl
+    assert [e.step for e in events.Scalars("eval/mean_reward")] == [64, 192, 256]
 
     (out / "train_state.json").unlink()  # a crash before the first state write: clock from 0
     train.run(agent_config("latent", timesteps=320), out, vae=vae_run, resume=True)
