@@ -38,10 +38,11 @@ class WorkerSpec:
     layout: Layout
     commit_seconds: float
     #: per batch (the first ones are smaller, see WriterProcess.due); two shared frame buffers
-    #: of about this size each. Writing a batch costs ~24 ms on top of ~8-10 us per Reach frame
-    #: (zarr array operations, fsyncs): 128 MiB batches cut the writer's CPU per Reach frame
-    #: by ~15% vs 64 MiB ones (64 MiB collected Reach 1.25x faster than 16 MiB).
-    commit_bytes: int = 128 * 2**20
+    #: of about this size each. Writing a batch costs ~24 ms (zarr array operations, fsyncs) on
+    #: top of ~8-10 us per Reach frame: 64 MiB batches collected Reach 1.25x faster than 16 MiB
+    #: ones; 128 MiB ones were no faster (the last batch, written after the env loop ends,
+    #: grows with them).
+    commit_bytes: int = 64 * 2**20
     make_policy: MakePolicy | None = None
     parent_pid: int | None = None
     envs: int = 1  # envpool backend: envs in the pool

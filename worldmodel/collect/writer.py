@@ -18,6 +18,13 @@ after it grew (an episode longer than the room left). Nothing is left behind whe
 killed: the memory goes with the last mapping. Two buffers circulate, so the env loop waits only
 when the writer is a whole batch behind (back-pressure on a slow disk).
 
+What makes it cheap for the env loop: the buffers are pre-faulted when they are made (a fresh
+page costs a fault per 4 KiB of frames); the first batches are small (1/8, 1/4, ... of
+``commit_bytes``) so that the writer starts at once; the writer compresses with one thread,
+leaving the env loop its core; and the worker does not wait for the writer's exit. On 2 cores a
+Reach worker (~13 us per bare step) needs about as much CPU in its writer as in its env loop,
+so the writer keeps up only when the second core is free; slow envs (CarRacing) never wait.
+
 The writer never outlives its worker: it asks the kernel for ``SIGKILL`` when the thread that
 started it exits (``PR_SET_PDEATHSIG``), exits when its parent is already gone, and re-checks
 its parent before every commit, so an orphan never commits what a new collector may redo. As
