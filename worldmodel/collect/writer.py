@@ -93,7 +93,8 @@ class SharedFrames(FrameBuffer):
     """A :class:`FrameBuffer` in shared memory that the writer process maps too."""
 
     def __init__(self, frame_shape: tuple[int, ...], capacity: int) -> None:
-        self.fd, self.mm = -1, None  # type: int, mmap.mmap | None
+        self.fd = -1
+        self.mm: mmap.mmap | None = None
         self.announced = False  # the writer has this mapping (its file descriptor)
         self._retired: tuple[int, mmap.mmap] | None = None  # the mapping a growth replaces
         super().__init__(frame_shape, capacity)
@@ -245,8 +246,9 @@ class WriterProcess:
             self.conn.send(("buffer", idx, len(buf.data)))
             send_handle(self.conn, buf.fd, self.proc.pid)
             buf.announced = True
-        self.conn.send(("batch", idx, [m for m, _ in episodes], [ep.length for _, ep in episodes],
-                        small))
+        lengths = [ep.length for _, ep in episodes]
+        assert sum(lengths) == frames.n, "one frame per step"
+        self.conn.send(("batch", idx, [m for m, _ in episodes], lengths, small))
         while self.conn.poll():  # forward what is already committed
             self._receive()
 
