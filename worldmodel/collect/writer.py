@@ -168,7 +168,7 @@ class WriterProcess:
         capacity = spec.commit_bytes // spec.layout.step_bytes + 1024
         self.buffers = [SharedFrames(spec.layout.frame_shape, capacity) for _ in range(BUFFERS)]
         self.free = list(reversed(range(BUFFERS)))
-        self.cpu_seconds = 0.0  # the writer's CPU time, known once it is closed
+        self.cpu_seconds = 0.0  # the writer's CPU time once ready, known once it is closed
         self.waited = 0.0  # seconds the env loop waited for a free buffer (the writer behind)
         self.closed = False
         # The first batches are smaller (1/8, 1/4, ... of commit_bytes), so that the writer
@@ -315,6 +315,7 @@ def _write_batches(conn: Connection, parent: int) -> None:
     try:
         writer = ShardWriter(loc, shard, layout, worker=worker)
         conn.send(("ready",))
+        cpu_ready = time.process_time()  # start-up (imports, opening the shard) is not counted
         maps: dict[int, mmap.mmap] = {}
         while (msg := conn.recv()) is not None:
             if msg[0] == "buffer":
@@ -336,7 +337,7 @@ def _write_batches(conn: Connection, parent: int) -> None:
             del frames
             light = [{k: e[k] for k in ("id", "length", "return")} for e in entries]
             conn.send(("free", idx, light))
-        cpu = time.process_time()
+        cpu = time.process_time() - cpu_ready
     finally:
         lock.release()
     conn.send(("closed", cpu))
