@@ -6,11 +6,13 @@ CLI cases call :func:`worldmodel.cli.main`, which returns the exit code and prin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from worldmodel.cli import main
+from worldmodel.config import resolve_config
 from worldmodel.errors import ConfigError, RunNotFoundError, UserError
 
 
@@ -88,8 +90,45 @@ def test_unknown_env_kwarg_is_one_line_naming_the_key(
     line = one_error_line(capsys, "collect")
     assert line.startswith("env.kwargs.bogus: worldmodel/Reach-v0 takes no such keyword")
     assert "valid keys: size, " in line
-    # collect (worldmodel/collect/) may leave its empty lock file behind; no dataset is written
-    assert not out.exists() or {p.name for p in out.iterdir()} <= {".collect.lock"}
+    assert not out.exists()  # a refused collect leaves no folder, no lock file
+
+
+def test_a_refused_collect_leaves_no_lock_in_a_folder_it_did_not_own(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    with pytest.raises(UserError, match="not a dataset"):
+        from worldmodel import collect
+
+        (out / "notes.txt").write_text("mine")
+        collect.run(resolve_config(None, ["env.image_size=16", "collect.episodes=1"]), out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_collect_refuses_a_lower_episode_target_and_keeps_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worldmodel import collect
+    from worldmodel.dataset import open_dataset
+
+    small = ["env.image_size=16", "env.max_episode_steps=10", "collect.workers=1"]
+    out = collect.run(resolve_config(None, [*small, "collect.episodes=4"]), tmp_path / "d")
+    assert main(["-q", "collect", "--out", str(out), "--set", "collect.episodes=2",
+                 *(a for s in small for a in ("--set", s))]) == 2
+    line = one_error_line(capsys, "collect")
+    assert "already holds 4 committed episodes, more than collect.episodes=2" in line
+    assert len(open_dataset(out).episode_ids) == 4
+    assert json.loads((out / "manifest.json").read_text())["target"]["episodes"] == 4
+
+
+def test_collect_into_a_run_of_another_kind_is_refused(tmp_path: Path) -> None:
+    from worldmodel import collect
+
+    run = tmp_path / "vae"
+    run.mkdir()
+    (run / "run.json").write_text('{"kind": "vae", "layout_version": 1, "status": "done"}')
+    with pytest.raises(UserError, match="holds a vae run, not a dataset run"):
+        collect.run(resolve_config(None, ["env.image_size=16", "collect.episodes=1"]), run)
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
 
 
 def test_unknown_env_kwarg_from_the_api_is_an_env_config_error() -> None:

@@ -151,7 +151,7 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path: Path,
                                                                for a in ("--set", s))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"worldmodel collect: error: --out {target} is a file; pass a folder for "
-                   "the dataset"]
+                   "the run"]
     assert target.read_text() == "mine"
 
 

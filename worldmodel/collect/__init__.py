@@ -69,13 +69,10 @@ CLI injects.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
-
 from worldmodel.collect.coordinator import (
     BACKENDS,
     RAY_EXTRA,
+    STAGE,
     resolve_backend,
     run,
     settings_of,
@@ -92,12 +89,11 @@ from worldmodel.collect.policies import (
 )
 from worldmodel.collect.pool import envpool_worker
 from worldmodel.collect.worker import QueueLike, WorkerSpec, collect_worker
-from worldmodel.config import Config
-from worldmodel.stages import StageSpec
 
 __all__ = [
     "BACKENDS",
     "RAY_EXTRA",
+    "STAGE",
     "BrownianPolicy",
     "FrameBuffer",
     "MakePolicy",
@@ -117,16 +113,3 @@ __all__ = [
     "settings_of",
 ]
 
-
-def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
-    return Path(run(cfg, out))
-
-
-#: ``collect`` reads ``seed``, ``env`` (not the agent's training envs) and ``collect``.
-STAGE = StageSpec(
-    "collect", "dataset",
-    reads=("seed", "env", "collect"),
-    ignores=("env.n_envs", "env.vec_env"),
-    run=_run_stage,
-    folder="data",
-)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,6 @@ from worldmodel.dataset import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    FileLock,
     Layout,
     Location,
     read_manifest,
@@ -34,6 +34,9 @@ from worldmodel.dataset import (
     shard_lock,
 )
 from worldmodel.errors import UserError
+from worldmodel.runfolder import FolderLock, check_kind
+from worldmodel.stages import StageSpec
+from worldmodel.stages import settings as stage_settings
 
 if TYPE_CHECKING:
     from gymnasium import spaces
@@ -59,20 +62,11 @@ def _describe_space(space: spaces.Space[Any]) -> dict[str, Any]:
 
 
 def settings_of(cfg: Config) -> dict[str, Any]:
-    """The settings that decide what the episodes contain: a resumed run must match them."""
-    c = cfg.collect
-    out: dict[str, Any] = {
-        "env": {**cfg.env.preprocessing(), "backend": cfg.env.backend,
-                "max_episode_steps": cfg.env.max_episode_steps},
-        "seed": cfg.seed,
-        "policy": c.policy,
-        "max_episode_steps": c.max_episode_steps,
-    }
-    if c.policy.startswith("agent:"):
-        out["epsilon"] = c.epsilon
-    if c.policy == "brownian":
-        out["brownian_dt"] = c.brownian_dt
-    return json.loads(json.dumps(out))
+    """The settings that decide what the episodes contain: a resumed run must match them.
+
+    The ``output`` keys :data:`STAGE` reads (:func:`worldmodel.stages.settings`), as dotted keys.
+    """
+    return json.loads(json.dumps(stage_settings(cfg, STAGE, "output")))
 
 
 def _versions() -> dict[str, str]:
@@ -114,7 +108,8 @@ def _prepare_manifest(cfg: Config, loc: Location, workers: int) -> dict[str, Any
     if loc.exists(MANIFEST):
         manifest = read_manifest(loc)
         old, new = flatten_dotted(manifest.get("settings", {})), flatten_dotted(settings)
-        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        # (datasets of older versions recorded fewer settings: those are compared)
+        diff = [k for k in sorted(set(old) & set(new)) if old.get(k) != new.get(k)]
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} in the dataset, {new.get(k)!r} now"
                               for k in diff[:4])
@@ -122,8 +117,9 @@ def _prepare_manifest(cfg: Config, loc: Location, workers: int) -> dict[str, Any
                 f"{loc} was collected with different settings ({shown}); collect into a new "
                 "--out folder or restore the dataset's settings (see its config.yaml)"
             )
+        _check_target(cfg, loc, manifest)
     else:
-        if not loc.remote and any(p.name != ".collect.lock" for p in Path(loc.url).iterdir()):
+        if not loc.remote and any(p.name != LOCK_NAME for p in Path(loc.url).iterdir()):
             raise UserError(f"{loc} exists and is not a dataset; choose an empty or new --out")
         layout, action_space = _probe(cfg)
         manifest = {
@@ -150,6 +146,20 @@ def _prepare_manifest(cfg: Config, loc: Location, workers: int) -> dict[str, Any
                                 key=lambda s: int(s[1:]))
     loc.write_json(manifest, MANIFEST)
     return manifest
+
+
+def _check_target(cfg: Config, loc: Location, manifest: dict[str, Any]) -> None:
+    """Refuse an episode target below what the dataset already holds (nothing is deleted)."""
+    want = cfg.collect.episodes
+    if want is None:
+        return  # frames mode keeps the shortest prefix of episodes that holds the frames
+    held = sum(len(read_shard_index(loc, shard)) for shard in manifest.get("shards", []))
+    if held > want:
+        raise UserError(
+            f"{loc} already holds {held} committed episodes, more than collect.episodes={want}; "
+            f"set collect.episodes >= {held} to use it (nothing is deleted), or collect into a "
+            "new --out folder"
+        )
 
 
 def _committed(loc: Location, shards: list[str]) -> dict[int, int]:
@@ -462,19 +472,44 @@ def run(cfg: Config, out: Path, make_policy: MakePolicy | None = None) -> Path:
         raise UserError(f"unknown collect.backend {c.backend!r}")
     resolve_backend(cfg)  # fail before creating anything
     loc = Location(out)
-    if not loc.remote:
-        try:
-            Path(loc.url).mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise UserError(f"--out {loc} is a file; pass a folder for the dataset") from None
-        except OSError as e:
-            raise UserError(f"cannot create the dataset folder {loc} ({e.strerror})") from e
-    lock = FileLock(None if loc.remote else loc.path(".collect.lock"))
-    lock.acquire(timeout=0.0, what=str(loc))
+    if loc.remote:  # no lock on remote storage: one writer is the user's responsibility
+        return _run_locked(cfg, loc, make_policy)
+    folder = Path(loc.url)
+    check_kind(folder, STAGE.kind)
+    created = not folder.exists()
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the dataset folder {loc} ({e.strerror})") from e
+    lock = FolderLock(folder / LOCK_NAME)  # removed again on release
+    try:
+        lock.acquire(f"dataset {loc}")
         return _run_locked(cfg, loc, make_policy)
     finally:
         lock.release()
+        if created and not loc.exists(MANIFEST):  # refused before any data: leave nothing
+            with contextlib.suppress(OSError):
+                for leftover in folder.iterdir():
+                    if leftover.is_file():
+                        leftover.unlink()
+                folder.rmdir()
+
+
+def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
+    return run(cfg, out)
+
+
+#: The lock a collection holds on its dataset folder (removed when it ends).
+LOCK_NAME = ".collect.lock"
+
+#: ``collect`` reads ``seed``, ``env`` (not the agent's training envs) and ``collect``.
+STAGE = StageSpec(
+    "collect", "dataset",
+    reads=("seed", "env", "collect"),
+    ignores=("env.n_envs", "env.vec_env"),
+    run=_run_stage,
+    folder="data",
+)
 
 
 def resolve_backend(cfg: Config) -> str:
