@@ -43,17 +43,17 @@ import json
 import logging
 import math
 import os
-import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_text
+from worldmodel.runfolder import FolderLock
 
 log = logging.getLogger("worldmodel")
 
@@ -247,63 +247,9 @@ class Location:
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
 
 
-class FileLock:
-    """An exclusive ``flock`` on a local file, released when the process dies (even by SIGKILL).
-
-    Remote locations and platforms without ``fcntl`` get no lock (one writer is then the
-    user's responsibility).
-
-    :param path: the lock file (created when missing).
-    """
-
-    def __init__(self, path: PathLike | None) -> None:
-        self.path = None if path is None else Path(path)
-        self._file: IO[bytes] | None = None
-
-    def acquire(self, timeout: float = 0.0, what: str = "this dataset") -> None:
-        """Take the lock, waiting up to ``timeout`` seconds; ``UserError`` when still held."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "ab")  # kept open while the lock is held
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    f.close()
-                    raise UserError(
-                        f"{what} is being written by another process ({self.path} is locked); "
-                        "wait for it to finish or stop it"
-                    ) from None
-                time.sleep(0.05)
-            except OSError:  # file system without flock support
-                break
-        self._file = f
-
-    def release(self) -> None:
-        """Drop the lock."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> FileLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def shard_lock(loc: Location, shard: str) -> FileLock:
+def shard_lock(loc: Location, shard: str) -> FolderLock:
     """The lock that the single writer of ``shard`` holds (no-op on remote locations)."""
-    return FileLock(None if loc.remote else loc.path(SHARDS, f"{shard}.lock"))
+    return FolderLock(None if loc.remote else Path(loc.path(SHARDS, f"{shard}.lock")))
 
 
 # --------------------------------------------------------------------------------------------

@@ -120,19 +120,23 @@ def _a(kind: str) -> str:
 class FolderLock:
     """An exclusive ``flock`` on ``path``; the pid of the holder is written into it.
 
-    Released when the process dies, even by SIGKILL. File systems without ``flock`` (and
-    platforms without ``fcntl``) get no lock: one writer is then the user's responsibility.
+    The one lock of the project: run folders, a dataset's collection and each dataset shard.
+    Released when the process dies, even by SIGKILL. ``path=None`` (remote storage), file
+    systems without ``flock`` and platforms without ``fcntl`` get no lock: one writer is then
+    the user's responsibility.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | None) -> None:
+        self.path = None if path is None else Path(path)
         self._file: IO[bytes] | None = None
 
-    def acquire(self, what: str, timeout: float = 0.0) -> None:
+    def acquire(self, what: str = "this folder", timeout: float = 0.0) -> None:
         """Take the lock, waiting up to ``timeout`` s; ``UserError`` naming the holder's pid."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
+            return
+        if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
@@ -165,10 +169,17 @@ class FolderLock:
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (a waiting writer then locks a new file)."""
-        if self._file is not None:
+        if self._file is not None and self.path is not None:
             self.path.unlink(missing_ok=True)
             self._file.close()
             self._file = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _same_file(f: IO[bytes], path: Path) -> bool:
