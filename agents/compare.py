@@ -26,6 +26,7 @@ import numpy as np
 
 from agents.modes import report_rank
 from agents.train import STAGE as TRAIN_STAGE
+from worldmodel.collect import STAGE as COLLECT_STAGE
 from worldmodel.config import CompareConfig, Config, load_run_config
 from worldmodel.errors import RunNotFoundError, UserError
 from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json
@@ -254,7 +255,9 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
     :raises UserError: when the runs are not from the same env and preprocessing, or were scored
         differently (greedy vs sampled actions).
     """
-    envs = {r.config.env.model_dump_json(exclude={"n_envs", "vec_env"}) for r in runs}
+    # the env settings that define the game and its frames: the output keys collect reads
+    game = StageSpec("", "", tuple(k for k in COLLECT_STAGE.keys() if k.startswith("env.")))
+    envs = {json.dumps(stage_settings(r.config, game, "output"), sort_keys=True) for r in runs}
     if len(envs) > 1:
         ids = sorted({f"{r.config.env.id} ({r.path})" for r in runs})
         raise UserError(f"runs come from different envs or preprocessing: {', '.join(ids)}")

@@ -305,19 +305,18 @@ def _find_representation(summary: Any) -> dict[str, Any] | None:
     return None
 
 
-def _flatten(data: Any, prefix: str = "", depth: int = 3) -> dict[str, Any]:
-    """Scalar leaves of nested dicts as ``a/b/c`` keys (short lists kept as they are)."""
-    out: dict[str, Any] = {}
-    if isinstance(data, dict) and depth > 0:
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}/", depth - 1))
-    elif isinstance(data, str | int | float | bool) or data is None:
-        out[prefix.rstrip("/")] = data
-    elif isinstance(data, list) and len(data) <= 8 and all(
-        isinstance(v, int | float) for v in data
-    ):
-        out[prefix.rstrip("/")] = data
-    return out
+def _flatten(data: Any) -> dict[str, Any]:
+    """Scalar leaves (and short numeric lists) of a summary as ``a/b/c`` keys, for its table."""
+    from worldmodel.config import flatten_dotted
+
+    def shown(value: Any) -> bool:
+        if isinstance(value, str | int | float | bool) or value is None:
+            return True
+        return isinstance(value, list) and len(value) <= 8 and all(
+            isinstance(v, int | float) for v in value)
+
+    flat = flatten_dotted(data) if isinstance(data, dict) else {"": data}
+    return {k.replace(".", "/"): v for k, v in flat.items() if shown(v)}
 
 
 # --------------------------------------------------------------------------------------------
