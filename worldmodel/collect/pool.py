@@ -184,16 +184,9 @@ def _envpool_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike,
                 g.pool.close()
         run.flush()
         writer.close()
-        results.put(("done", spec.worker, {"seconds": time.monotonic() - started,
-                                           "cpu_main": time.thread_time() - cpu_main,
-                                           "cpu_total": time.process_time() - cpu_all
-                                           + writer.cpu_seconds,
-                                           "wait_writer": writer.waited}))
+        results.put(("done", spec.worker, writer.usage(started, cpu_main, cpu_all)))
     finally:
-        if writer.closed:
-            writer.join()
-        else:
-            writer.kill()
+        writer.end()
 
 
 def _step_pools(run: _PoolRun, groups: list[_Group], slots: list[_Slot], stop: threading.Event,

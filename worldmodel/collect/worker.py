@@ -150,13 +150,6 @@ def _worker_loop(spec: WorkerSpec, tasks: QueueLike, results: QueueLike) -> None
             writer.submit((frames, episodes))
         writer.close()
         env.close()
-        results.put(("done", k, {"seconds": time.monotonic() - started,
-                                 "cpu_main": time.thread_time() - cpu_main,
-                                 "cpu_total": time.process_time() - cpu_all
-                                 + writer.cpu_seconds,
-                                 "wait_writer": writer.waited}))
+        results.put(("done", k, writer.usage(started, cpu_main, cpu_all)))
     finally:
-        if writer.closed:
-            writer.join()
-        else:
-            writer.kill()
+        writer.end()

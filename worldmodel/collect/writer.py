@@ -273,6 +273,25 @@ class WriterProcess:
         self.proc.wait()
         self._release()
 
+    def end(self) -> None:
+        """In a worker's ``finally``: wait for a closed writer's exit, else kill it."""
+        if self.closed:
+            self.join()
+        else:
+            self.kill()
+
+    def usage(self, started: float, cpu_main: float, cpu_all: float) -> dict[str, float]:
+        """The ``done`` report of a worker whose loop began at these clock readings.
+
+        :param started: ``time.monotonic()``; :param cpu_main: ``time.thread_time()`` of the env
+            thread; :param cpu_all: ``time.process_time()`` of the worker (the writer's CPU,
+            known once closed, is added).
+        """
+        return {"seconds": time.monotonic() - started,
+                "cpu_main": time.thread_time() - cpu_main,
+                "cpu_total": time.process_time() - cpu_all + self.cpu_seconds,
+                "wait_writer": self.waited}
+
     def _release(self) -> None:
         self.conn.close()
         for b in self.buffers:
