@@ -299,6 +299,16 @@ class _FrameSource(_Source[np.ndarray]):
         return np.concatenate(parts)
 
 
+def _open_split(
+    path: Path, split: Split, val_fraction: float, seed: int
+) -> tuple[DatasetReader, list[int], list[int]]:
+    """The dataset, and the positions and ids of the split's episodes (both datasets' start)."""
+    reader = DatasetReader(path)
+    positions = _select(reader, split, val_fraction, seed)
+    ids = reader.episode_ids
+    return reader, positions, [ids[p] for p in positions]
+
+
 class FrameDataset:
     """Shuffled ``uint8`` minibatches of frames across episodes, with bounded memory.
 
@@ -334,11 +344,8 @@ class FrameDataset:
         workers: int = 1,
         drop_last: bool = True,
     ) -> None:
-        self.reader = DatasetReader(path)
         self.split = split
-        positions = _select(self.reader, split, val_fraction, seed)
-        ids = self.reader.episode_ids
-        self.episode_ids: list[int] = [ids[p] for p in positions]
+        self.reader, positions, self.episode_ids = _open_split(path, split, val_fraction, seed)
         self.frame_shape: tuple[int, int, int] = self.reader.frame_shape
         self._source = _FrameSource(self.reader, positions)
         self._stream = _Stream(self._source, batch_size, seed, cache_bytes, workers, drop_last)
@@ -480,10 +487,7 @@ class SequenceDataset:
     ) -> None:
         if seq_len < 1 or (stride is not None and stride < 1):
             raise UserError(f"seq_len and stride must be >= 1, got {seq_len} and {stride}")
-        self.reader = DatasetReader(path)
-        positions = _select(self.reader, split, val_fraction, seed)
-        ids = self.reader.episode_ids
-        self.episode_ids: list[int] = [ids[p] for p in positions]
+        self.reader, positions, self.episode_ids = _open_split(path, split, val_fraction, seed)
         self.seq_len = seq_len
         self.frame_shape: tuple[int, int, int] = self.reader.frame_shape
         self._source = _WindowSource(self.reader, positions, seq_len, stride or seq_len)
