@@ -37,6 +37,7 @@ OTHER: dict[str, list[str]] = {
     "collect.ray_address": ["collect.ray_address=auto"],
     "vae.epochs": ["vae.epochs=2", "vae.steps=null"],
     "vae.widths": ["vae.widths=[8]"],
+    "memory.epochs": ["memory.epochs=2", "memory.steps=null"],
     "agent.obs_mode": ["agent.obs_mode=pixel"],
     "agent.policy": ["agent.policy=MlpPolicy"],
     "agent.hyperparams": ["agent.hyperparams={gamma: 0.9}"],

@@ -208,6 +208,75 @@ class VAEConfig(Section):
         return self
 
 
+class MemoryConfig(Section):
+    """The memory model M (an MDN-RNN) and ``worldmodel train-memory``.
+
+    Defaults follow World Models' CarRacing M (Ha & Schmidhuber 2018; hardmaru's
+    ``carracing/rnn/rnn.py``): an LSTM of 256 units, 5 Gaussians per latent dimension, Adam
+    1e-3, gradient clip 1.0. The latent size comes from the ``--vae`` run.
+    """
+
+    hidden_size: int = Field(256, ge=1, description="LSTM hidden units H.")
+    mixtures: int = Field(5, ge=1, description="Gaussians K per latent dimension.")
+    seq_len: int = Field(
+        32, ge=1,
+        description="Steps per training window (windows never cross episodes; shorter "
+        "episodes are padded and masked). World Models used 1,000 on CarRacing.",
+    )
+    batch_size: int = Field(100, ge=1, description="Windows per batch.")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Clip the gradient norm to this.")
+    steps: int | None = Field(
+        2000, ge=1,
+        json_schema_extra=BUDGET,
+        description="Optimizer steps (or set epochs).",
+    )
+    epochs: int | None = Field(
+        None, ge=1,
+        json_schema_extra=BUDGET,
+        description="Passes over the training windows.",
+    )
+    reward_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the reward head's MSE in the loss."
+    )
+    done_weight: float = Field(
+        1.0, ge=0.0,
+        description="Weight of the done head's cross-entropy in the loss (World Models' Doom "
+        "M used 10).",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0,
+        description="Dream temperature tau: mixture logits / tau, Gaussian noise * sqrt(tau) "
+        "(the default of the memory's sample(); training does not read it).",
+    )
+    val_every: int = Field(
+        250, ge=1, description="Validate (metrics, best.pt, last.pt) every N steps and at the end."
+    )
+    log_every: int = Field(
+        25, ge=1,
+        json_schema_extra=RUNTIME,
+        description="Log training scalars every N steps.",
+    )
+    device: Device = Field("auto", json_schema_extra=RUNTIME)
+    vae_checkpoint: Literal["best", "last"] = Field(
+        "best", description="Which checkpoint of the --vae run encodes the dataset."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data: Any) -> Any:
+        """Setting only ``epochs`` drops the default ``steps``."""
+        if isinstance(data, dict) and data.get("epochs") is not None and "steps" not in data:
+            data = {**data, "steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> MemoryConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of memory.steps and memory.epochs")
+        return self
+
+
 class AgentConfig(Section):
     """Stable-Baselines3 agents and ``worldmodel train-agent``."""
 
@@ -324,6 +393,7 @@ class Config(Section):
     collect: CollectConfig = Field(default_factory=CollectConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     vae: VAEConfig = Field(default_factory=VAEConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
