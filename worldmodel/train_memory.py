@@ -662,19 +662,20 @@ def _train(cfg: Config, out: Path, folder: RunFolder, checkpoint: dict[str, Any]
     finally:
         logger.close()
     k1 = summary["open_loop_mse"]["1"]
-    log.info("train-memory done: val NLL %.3f, k=1 latent MSE %.4g (copy %.4g, linear %.4g)",
+    log.info("train-memory done: val NLL %.3f, k=1 latent MSE %s (copy %s, linear %s)",
              summary["val_nll"], k1["memory"], k1["copy_last_z"], k1["linear"])
     return out
 
 
 def write_summary(s: Session, inputs: dict[str, Any]) -> dict[str, Any]:
     """The ``summary.json`` record: the final model's held-out metrics and the baselines."""
-    v = s.last_val
+    # undefined metrics (no terminal step, constant rewards) are null in summary.json
+    v: dict[str, Any] = {k: x if math.isfinite(x) else None for k, x in s.last_val.items()}
     warnings = list(s.warnings)
-    k1 = v.get("val/latent_mse_k1", math.nan)
-    if math.isfinite(k1) and not k1 < v["val/copy_mse_k1"]:
+    k1, copy = v["val/latent_mse_k1"], v["val/copy_mse_k1"]
+    if k1 is not None and copy is not None and not k1 < copy:
         warnings.append(f"M's one-step latent MSE ({k1:.4g}) does not beat copying the last z "
-                        f"({v['val/copy_mse_k1']:.4g}): train longer (memory.steps)")
+                        f"({copy:.4g}): train longer (memory.steps)")
     for w in warnings:
         log.warning("%s", w)
     return {
