@@ -152,3 +152,28 @@ def test_bad_pipeline_settings_are_one_line_errors(tmp_path: Path, bad: str) -> 
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and bad.split("=")[0] in result.stderr
+
+
+def test_a_single_agent_run_reaches_compare_as_a_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from worldmodel import pipeline as pipeline_module
+
+    cfg = resolve_config(None, [*TINY, "pipeline.obs_modes=[pixel]", "pipeline.seeds=[0]"])
+    compare_run = next(r for r in plan(cfg) if r.stage == "compare")
+    seen: dict[str, object] = {}
+    real = pipeline_module.get_stage
+
+    def record(cfg: object, out: Path, inputs: dict[str, object], resume: object) -> Path:
+        seen.update(inputs)
+        return out
+
+    def fake(name: str) -> object:
+        spec = real(name)
+        return dataclasses.replace(spec, run=record) if name == "compare" else spec
+
+    monkeypatch.setattr(pipeline_module, "get_stage", fake)
+    pipeline_module.execute(str(tmp_path), compare_run)
+    assert seen == {"evaluate": [tmp_path / "agents" / "pixel__seed0"]}

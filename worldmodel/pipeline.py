@@ -195,6 +195,11 @@ def prepare(root: Path, run: PlannedRun) -> bool:
     return False
 
 
+def _fanned(spec: StageSpec) -> bool:
+    """Whether a stage has several runs in a pipeline (its readers get a list of folders)."""
+    return spec.variants is not None or spec.per_run
+
+
 def execute(root: str, run: PlannedRun) -> str:
     """Run one planned run (in this process, a worker process or a Ray task) and stamp it."""
     base = Path(root)
@@ -205,9 +210,8 @@ def execute(root: str, run: PlannedRun) -> str:
         return run.folder
     log.info("[pipeline] %s: running -> %s", label, base / run.folder)
     assert spec.run is not None
-    inputs: dict[str, Any] = {
-        name: [base / f for f in folders] if get_stage(name).variants or len(folders) != 1
-        else base / folders[0]
+    inputs: dict[str, Any] = {  # a list from a stage of several runs, else one folder
+        name: [base / f for f in folders] if _fanned(get_stage(name)) else base / folders[0]
         for name, folders in run.inputs.items()
     }
     start = time.perf_counter()
