@@ -1,6 +1,6 @@
 """What every trainer of this project shares: run log, batch stream, progress, checkpoints.
 
-A trainer (``train_vae`` today, the memory model next) keeps its own loop, top to bottom:
+A trainer (``train_vae``, ``train_memory``) keeps its own loop, top to bottom:
 forward, loss, backward, step, log. What is the same for all of them lives here:
 
 * :class:`RunLog`: TensorBoard and ``metrics.jsonl`` side by side with the same keys; on resume
