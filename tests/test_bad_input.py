@@ -378,3 +378,13 @@ def test_train_vae_refuses_a_dataset_of_another_env(
     assert ('env.kwargs: {} in the dataset, {"size": 16, "step_size": 0.5} here): train on it '
             "with the dataset's settings, --set env.kwargs={}") in line
     assert not out.exists()
+
+
+def test_a_failed_train_agent_leaves_no_empty_run_folder(tmp_path: Path) -> None:
+    from agents import train
+
+    cfg = resolve_config(None, ["agent.obs_mode=pixel", "env.image_size=36", "env.n_envs=1",
+                                "agent.hyperparams={n_steps: 8, batch_size: 1}"])
+    with pytest.raises(UserError, match="SB3 PPO rejected the settings"):
+        train.run(cfg, tmp_path / "agent")
+    assert not (tmp_path / "agent").exists()
