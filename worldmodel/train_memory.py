@@ -24,9 +24,11 @@ removes ``latents/``.
 (so every epoch sees new samples); the noise is drawn from ``(seed, epoch, batch)``. Windows of
 ``memory.seq_len`` steps start every ``seq_len`` steps of each training episode and never cross
 an episode: an episode's last window (and any episode shorter than ``seq_len``) is padded and
-its padding masked out of the loss. Step ``t`` of a window predicts ``z_{t+1}`` (masked on an
-episode's last step, whose next frame is not stored), the reward of ``a_t`` and whether the env
-*terminated* after it (a time-limit truncation is not part of the dynamics and is not a done).
+its padding masked out of the loss. Each window starts from a zero LSTM state (World Models'
+windows were whole CarRacing episodes of 1,000 steps). Step ``t`` of a window predicts
+``z_{t+1}`` (masked on an episode's last step, whose next frame is not stored), the reward of
+``a_t`` and whether the env *terminated* after it (a time-limit truncation is not part of the
+dynamics and is not a done).
 Loss: mixture NLL per latent dimension + ``reward_weight * MSE`` + ``done_weight * BCE``;
 Adam, gradient norm clipped to ``memory.grad_clip``.
 
@@ -180,8 +182,12 @@ def cached_latents(vae: LoadedVAE, reader: DatasetReader) -> tuple[np.ndarray, n
     buf = io.BytesIO()
     np.savez(buf, mu=mu, logvar=logvar, weights_hash=np.array(vae.weights_hash),
              dataset_key=np.array(key), version=np.array(CACHE_VERSION))
-    atomic_write(path, lambda f: f.write(buf.getbuffer()))
-    log.info("train-memory: encoded %d frames in %.1f s into %s", len(mu),
+    try:
+        atomic_write(path, lambda f: f.write(buf.getbuffer()))
+    except OSError as e:  # a read-only VAE run: train anyway, without a cache
+        log.warning("cannot write the latent cache %s (%s): the next run encodes again", path,
+                    e.strerror or e)
+    log.info("train-memory: encoded %d frames in %.1f s (cache %s)", len(mu),
              time.perf_counter() - started, path)
     return mu, logvar, path
 
