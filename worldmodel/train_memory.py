@@ -668,8 +668,9 @@ def _train(cfg: Config, out: Path, folder: RunFolder, checkpoint: dict[str, Any]
     finally:
         logger.close()
     k1 = summary["open_loop_mse"]["1"]
+    shown = {k: "n/a" if x is None else f"{x:.4g}" for k, x in k1.items()}
     log.info("train-memory done: val NLL %.3f, k=1 latent MSE %s (copy %s, linear %s)",
-             summary["val_nll"], k1["memory"], k1["copy_last_z"], k1["linear"])
+             summary["val_nll"], shown["memory"], shown["copy_last_z"], shown["linear"])
     return out
 
 
