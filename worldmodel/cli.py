@@ -156,8 +156,23 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return _done(out, "pipeline report")
 
 
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from worldmodel.config import config_description, find_config, packaged_configs
+
+    if args.action == "show" and not args.name:
+        raise UserError("configs show needs a NAME; `worldmodel configs` lists them")
+    if args.name:  # `configs show NAME`: the file, to start a custom config from
+        print(find_config(args.name).read_text(encoding="utf-8"), end="")
+        return 0
+    for name, path in packaged_configs().items():
+        print(f"{name:12s} {config_description(path)}")
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser, out_help: str) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (default: built-in).")
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="YAML config file, or the name of a packaged one (`worldmodel configs`); "
+                   "default: built-in defaults.")
     p.add_argument(
         "--set",
         "-s",
@@ -237,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="collect -> train-vae -> train-agent -> compare.")
     _add_config_args(p, "Pipeline folder (re-run to resume; unchanged stages are skipped).")
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("configs", help="List the packaged configs; `configs show NAME` prints one.")
+    p.add_argument("action", nargs="?", choices=["show"], help="Print a config.")
+    p.add_argument("name", nargs="?", metavar="NAME", help="A packaged config's name.")
+    p.set_defaults(func=_cmd_configs)
 
     p = sub.add_parser("data", help="Inspect or verify a dataset.")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)

@@ -546,9 +546,57 @@ def validate_config(data: Mapping[str, Any]) -> Config:
 
 
 def resolve_config(path: Path | str | None, overrides: Iterable[str] = ()) -> Config:
-    """Load ``path`` (defaults when ``None``), apply ``--set`` overrides and validate."""
-    data = load_yaml_dict(Path(path)) if path is not None else {}
+    """Load ``path`` (defaults when ``None``), apply ``--set`` overrides and validate.
+
+    :param path: a YAML file, or the bare name of a config shipped with the package
+        (``quickstart``, ``carracing``...: :func:`packaged_configs`).
+    """
+    data = load_yaml_dict(find_config(path)) if path is not None else {}
     return validate_config(apply_overrides(data, overrides))
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped inside the package, by name (``worldmodel/configs/NAME.yaml``).
+
+    They are copies of the repository's ``configs/`` (a test keeps them equal), so an installed
+    package runs ``--config quickstart`` without a clone.
+    """
+    folder = Path(__file__).resolve().parent / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def find_config(path: Path | str) -> Path:
+    """An existing config file, or the packaged config a bare name (no folder, no suffix) means.
+
+    :raise ConfigNotFoundError: neither a file nor a packaged name (the names are listed).
+    """
+    given = Path(path)
+    if given.suffix or len(given.parts) != 1:
+        return given
+    try:
+        if given.is_file():
+            return given
+    except OSError:
+        return given
+    packaged = packaged_configs()
+    if str(path) in packaged:
+        return packaged[str(path)]
+    raise ConfigNotFoundError(
+        f"config {str(path)!r} is neither a file nor a packaged config ({', '.join(packaged)}); "
+        "pass a YAML file or one of those names (`worldmodel configs` lists them)"
+    )
+
+
+def config_description(path: Path) -> str:
+    """A config file's one-line description: the first sentence of its leading comment."""
+    words: list[str] = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        words += line.lstrip("#").split()
+    text = " ".join(words)
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
 
 
 def load_run_config(run_dir: Path) -> Config:
