@@ -268,15 +268,19 @@ class LoadedMemory:
         return zeros, zeros.clone()
 
     @torch.no_grad()
-    def step(self, z: Tensor, action: Tensor, state: State) -> tuple[MemoryOutput, State]:
+    def step(self, z: Tensor | np.ndarray, action: Tensor | np.ndarray,
+             state: State) -> tuple[MemoryOutput, State]:
         """One step of ``B`` independent sequences.
 
-        :param z: ``(B, Z)`` float32, the current latents.
-        :param action: ``(B, A)`` float32 action vectors (:meth:`actions`).
+        :param z: ``(B, Z)`` float32, the current latents (a tensor or a NumPy array, such as
+            ``LoadedVAE.encode`` returns).
+        :param action: ``(B, A)`` float32 action vectors (:meth:`actions`; tensor or array).
         :param state: ``(h, c)`` from :meth:`initial_state` or the previous step.
         :return: the prediction (``logits``, ``mu``, ``logsigma``: ``(B, Z, K)`` float32;
             ``reward``, ``done`` logit: ``(B,)`` float32; ``done_prob`` ``(B,)``), the new state.
         """
+        z = torch.as_tensor(z, dtype=torch.float32, device=self.device)
+        action = torch.as_tensor(action, dtype=torch.float32, device=self.device)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise UserError(f"latents of shape {tuple(z.shape)} do not fit this memory, which "
                             f"expects (B, {self.latent_dim})")
@@ -284,7 +288,7 @@ class LoadedMemory:
             raise UserError(f"actions of shape {tuple(action.shape)} do not fit this memory, "
                             f"which expects ({z.shape[0]}, {self.action_dim}) float32 vectors "
                             "(Discrete actions one-hot: LoadedMemory.actions)")
-        out, state = self.model(z.float()[:, None], action.float()[:, None], state)
+        out, state = self.model(z[:, None], action[:, None], state)
         return MemoryOutput(*(t[:, 0] for t in out)), state
 
     def sample(self, prediction: MemoryOutput, tau: float | None = None,
