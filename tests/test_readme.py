@@ -3,6 +3,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from worldmodel.config import config_reference
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -35,3 +37,30 @@ def regenerate() -> None:
 
 if __name__ == "__main__":
     regenerate()
+
+
+def test_the_python_example_runs(
+    reach16: Path, reach16_vae: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's "Use it from Python" block, on the session's tiny VAE and a tiny M."""
+    import shutil
+
+    from worldmodel import train_memory
+    from worldmodel.config import resolve_config
+
+    block = re.search(r"<!-- python-example:start -->\n```python\n(.*?)```", README.read_text(),
+                      re.S)
+    assert block, "README.md lost its python-example markers"
+    vae = Path(shutil.copytree(reach16_vae, tmp_path / "vae"))  # M caches latents in it
+    cfg = resolve_config(None, [
+        "env.image_size=16", "memory.hidden_size=8", "memory.mixtures=2",
+        "memory.batch_size=2", "memory.seq_len=8", "memory.steps=4", "memory.val_every=4",
+        "data.val_fraction=0.25"])
+    memory = train_memory.run(cfg, reach16, vae, tmp_path / "memory")
+    code = (block.group(1).replace('"runs/quickstart/vae"', repr(str(vae)))
+            .replace('"runs/memory"', repr(str(memory))).replace("learn(2_048)", "learn(64)")
+            .replace('PPO("MlpPolicy", env, seed=0)',
+                     'PPO("MlpPolicy", env, n_steps=64, batch_size=64, seed=0)'))
+    scope: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert tuple(scope["z_next"].shape) == tuple(scope["z"].shape)  # type: ignore[attr-defined]
