@@ -10,9 +10,11 @@ Top to bottom, :func:`run`:
    ``vae.json``;
 3. builds ``env.n_envs`` training envs and ``agent.eval_envs`` evaluation envs (seeds
    ``seed + 1000 + i``) with the same observation pipeline (:mod:`agents.wrapping`);
-4. trains with SB3's logger (stdout, ``progress*.csv``, TensorBoard), its progress bar, a periodic
-   evaluation (:class:`PeriodicEval`) and checkpoints (:class:`Checkpoint`);
-5. evaluates once more at the end and writes ``summary.json``.
+4. trains with SB3's logger (``progress*.csv``, TensorBoard; on a terminal also stdout and its
+   progress bar, else one log line per evaluation), a periodic evaluation
+   (:class:`PeriodicEval`) and checkpoints (:class:`Checkpoint`);
+5. evaluates once more at the end, writes ``summary.json`` and TensorBoard hparams
+   (:func:`write_hparams`: the arm's settings and seed, ``hparam/final_mean_return``).
 
 Run folder: ``config.yaml``, ``vae.json`` (latent modes), ``evaluations.jsonl`` (one record per
 evaluation: ``timesteps``, ``wall_seconds``, ``elapsed_seconds``, ``returns``, ``lengths``,
@@ -191,6 +193,10 @@ class PeriodicEval(EvalCallback):
                 "std_return": float(np.std(returns)),
             }
             append_jsonl(self.run_dir / "evaluations.jsonl", record)
+            if not progress_enabled():  # no bar and no SB3 stdout table: one line instead
+                log.info("eval at %d env steps: mean return %.2f (std %.2f over %d episodes), "
+                         "%.1f s of training", record["timesteps"], mean, record["std_return"],
+                         len(returns), record["wall_seconds"])
             self.last_mean_reward = mean
             self.last_record = record
             model.logger.record("eval/mean_reward", record["mean_return"])
@@ -519,6 +525,7 @@ def _train(
     last = evaluator.last_record
     final = last if last and last["timesteps"] == model.num_timesteps else evaluator.evaluate()
     save()
+    write_hparams(out, cfg, final["mean_return"], model.num_timesteps)
     log.info("trained %d env steps (%d this session) in %.0f s",
              model.num_timesteps, model.num_timesteps - start_steps, clock.seconds)
     summary = {
@@ -540,6 +547,49 @@ def _train(
         },
     }
     return summary
+
+
+def hparams(cfg: Config) -> dict[str, Any]:
+    """The run's hyperparameters for TensorBoard's HParams view: what defines its arm, and seed.
+
+    ``obs_mode``, ``algo``, ``seed``, ``history``, ``timesteps``, then every other key of
+    :func:`worldmodel.stages.defining_keys` (dotted); values that are not numbers, strings or
+    booleans (lists, mappings, ``None``) are written as JSON text.
+    """
+    import json
+
+    from worldmodel.stages import defining_keys, settings
+
+    values = settings(cfg, STAGE, "output", "budget")
+    out: dict[str, Any] = {
+        "obs_mode": cfg.agent.obs_mode, "algo": cfg.agent.algo, "seed": cfg.seed,
+        "history": cfg.agent.history, "timesteps": cfg.agent.timesteps,
+    }
+    for key in defining_keys(STAGE):
+        if key.removeprefix("agent.") in out:
+            continue
+        value = values.get(key)
+        ok = isinstance(value, (bool, int, float, str))
+        out[key] = value if ok else json.dumps(value, sort_keys=True)
+    return out
+
+
+def write_hparams(out: Path, cfg: Config, final_mean_return: float, step: int) -> None:
+    """Write :func:`hparams` with ``hparam/final_mean_return`` into the run's TensorBoard logs.
+
+    They go into the run folder itself (what ``SummaryWriter.add_hparams(..., run_name=".")``
+    does, in one events file instead of two), so TensorBoard's HParams view shows one row per
+    run and compares arms and seeds.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    metrics = {"hparam/final_mean_return": float(final_mean_return)}
+    with SummaryWriter(log_dir=str(out)) as writer:
+        for summary in hparams_summaries(hparams(cfg), metrics):
+            writer.file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
 
 
 def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:

@@ -8,7 +8,7 @@ forward, loss, backward, step, log. What is the same for all of them lives here:
 * :func:`batch_stream` and :class:`Prefetch`: an endless, resumable stream of batches of any
   dataset with ``batches(epoch, start)`` (``FrameDataset``, ``SequenceDataset``), read ahead in a
   background thread.
-* :func:`progress_bar`: tqdm on a terminal when logging is at info level.
+* :func:`progress_bar`: tqdm on a terminal, a progress line now and then in a log file.
 * :func:`save_checkpoints`: ``best.pt`` (when improved) before ``last.pt``, atomically, so the best
   step that ``last.pt`` records is always on disk.
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from worldmodel.io import append_jsonl, atomic_write_text, read_jsonl
-from worldmodel.utils import progress_enabled
+from worldmodel.utils import LogProgress, progress
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -158,12 +158,13 @@ def prefetch_depth(batch_bytes: int, budget: int = 64 * 2**20) -> int:
     return int(min(64, max(2, budget // max(batch_bytes, 1))))
 
 
-def progress_bar(total: int, initial: int, desc: str) -> tqdm[Any]:
-    """A tqdm bar of optimizer steps, drawn only when progress is shown (info level logging)."""
-    from tqdm import tqdm
+def progress_bar(total: int, initial: int, desc: str) -> tqdm[Any] | LogProgress:
+    """The progress of optimizer steps (:func:`worldmodel.utils.progress`).
 
-    return tqdm(total=total, initial=initial, unit="step", desc=desc,
-                disable=not progress_enabled(), dynamic_ncols=True)
+    A tqdm bar on a terminal, else a log line at most every ``WORLDMODEL_PROGRESS_SECONDS``
+    seconds (nothing with ``-q``).
+    """
+    return progress(total, initial, desc, unit="step")
 
 
 def save_checkpoints(out: Path, state: dict[str, Any], improved: bool) -> None:

@@ -222,19 +222,16 @@ class _Plan:
 
 
 class _Progress:
-    """The tqdm bar and the counters behind the summary."""
+    """The progress (tqdm on a terminal, else a line now and then) and the summary's counters."""
 
     def __init__(self, cfg: Config, committed: dict[int, int]) -> None:
-        from tqdm.auto import tqdm
-
-        from worldmodel.utils import progress_enabled
+        from worldmodel.utils import progress
 
         self.by_frames = cfg.collect.frames is not None
         total = cfg.collect.frames if self.by_frames else cfg.collect.episodes
         initial = sum(committed.values()) if self.by_frames else len(committed)
-        self.bar = tqdm(total=total, initial=min(initial, total or 0), desc="collect",
-                        unit="frame" if self.by_frames else "ep", dynamic_ncols=True,
-                        disable=not progress_enabled())
+        self.bar = progress(total, min(initial, total or 0), "collect",
+                            unit="frame" if self.by_frames else "ep")
         self.frames = self.episodes = self.committed = 0
         self.start = time.monotonic()
 
