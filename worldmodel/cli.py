@@ -80,6 +80,12 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "export":
+        return _done(Path(_stage("worldmodel.minari_io", 16).export_minari(
+            _dataset(args.data), args.id)), "Minari dataset")
+    if args.data_command == "import":
+        return _done(_stage("worldmodel.minari_io", 16).import_minari(args.minari_id,
+                                                                       Path(args.out)), "dataset")
     dataset = _stage("worldmodel.dataset", 4)
     if args.data_command == "info":
         return int(dataset.print_info(_dataset(args.data)))
@@ -258,11 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", metavar="NAME", help="A packaged config's name.")
     p.set_defaults(func=_cmd_configs)
 
-    p = sub.add_parser("data", help="Inspect or verify a dataset.")
+    p = sub.add_parser("data", help="Inspect, verify, export or import a dataset.")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     for name, text in (("info", "Episodes, frames, size, returns."), ("verify", "Check all.")):
         q = data_sub.add_parser(name, help=text)
         q.add_argument("data", metavar="DATA")
+    q = data_sub.add_parser("export", help="Write a dataset as a Minari dataset.")
+    q.add_argument("data", metavar="DATA")
+    q.add_argument("--format", choices=["minari"], default="minari", help="Only minari.")
+    q.add_argument("--id", required=True, metavar="NAMESPACE/ENV/NAME-v0",
+                   help="Minari dataset id (written under $MINARI_DATASETS_PATH, ~/.minari).")
+    q = data_sub.add_parser("import", help="Write a local Minari dataset as a dataset.")
+    q.add_argument("minari_id", metavar="MINARI_ID")
+    q.add_argument("--out", "-o", required=True, metavar="DATA", help="New dataset folder.")
     p.set_defaults(func=_cmd_data)
     return parser
 

@@ -668,6 +668,8 @@ def print_info(path: PathLike) -> int:
         f"shards      {len(m.get('shards', []))}  chunk {reader.layout.chunk_frames} frames",
         f"on disk     {_fmt_bytes(disk)}",
     ]
+    if isinstance(m.get("source"), dict):  # imported (worldmodel.minari_io)
+        lines.insert(4, f"source      {m['source'].get('summary')}")
     if reader.num_frames:
         n = reader.num_frames
         lines += [
