@@ -197,6 +197,9 @@ def test_html_embeds_everything_and_shows_metrics(result: dict[str, Path]) -> No
         assert base64.b64encode((out / name).read_bytes()).decode() in page, name
     assert "data:video/mp4;base64," in page and 'href="episode.mp4"' in page
     assert "linear-probe R²" in page and "tensorboard --logdir" in page
+    verdict = page.index('<p class="verdict')
+    assert verdict < page.index("<img") and verdict < page.index("<h2>")
+    assert "<details" not in page  # this run has no summary.json
     report = json.loads((out / "visualize.json").read_text())
     rep = report["representation"]  # the dataset has a state and the run has no summary.json
     assert "computed now" in report["representation_source"].lower()
@@ -220,9 +223,43 @@ def test_metrics_come_from_summary_json_when_present(setup: dict[str, Path],
     text = page.read_text()
     assert "0.0123" in text and "0.85" in text and "val/recon_mse" in text
     assert "KL per dimension is ~0" in text  # train-vae's warnings are shown
+    # the page opens with its verdict, then the pictures; the raw summary comes last, collapsed
+    verdict = text.index('<p class="verdict')
+    assert "probe R² 0.85 vs 0.15 for a random projection" in text
+    assert verdict < text.index("<img") < text.index("<details")
+    details = text[text.index("<details"):]
+    assert details.startswith("<details id=run-summary><summary>Run summary (summary.json)")
+    assert "val/recon_mse" in details and "val/recon_mse" not in text[:text.index("<details")]
+    assert details.index("</details>") > details.index("<table>")
+    assert "<img" not in details and "<section" not in details  # nothing after it
+    assert "VAE run summary" not in text
     report = json.loads((tmp_path / "out" / "visualize.json").read_text())
     assert report["sample"]["frames"] <= 40
     assert report["representation"]["knn_mse"] == 0.0123
+
+
+def test_verdict_says_plainly_whether_the_vae_keeps_the_state() -> None:
+    good_rep = {"probe_r2": {"mean": 0.95}, "random_projection": {"probe_r2": {"mean": 0.55}}}
+    summary = {"val_mse_per_pixel": 0.002, "mean_image_mse": 0.0092, "active_units": 32}
+    assert visualize.verdict(summary, good_rep, {}, 32) == (
+        "The VAE keeps the state: probe R² 0.95 vs 0.55 for a random projection; "
+        "reconstructions 4.6x better than the mean image; 32 of 32 latent units active.", True)
+
+    bad_rep = {"probe_r2": {"mean": -0.26}, "random_projection": {"probe_r2": {"mean": 0.1}}}
+    stuck = {"val_mse_per_pixel": 0.0217, "mean_image_mse": 0.019, "active_units": 0}
+    text, good = visualize.verdict(stuck, bad_rep, {}, 4)
+    assert not good
+    assert text.startswith("The VAE does not keep the state: probe R² -0.26 vs 0.10")
+    assert "no better than the mean image (MSE/pixel 0.0217 vs 0.019)" in text
+    assert "none of the 4 latent units is active" in text
+
+    partial = {"probe_r2": 0.3, "random_projection": {"probe_r2": 0.1}}
+    assert visualize.verdict(None, partial, {"active_units": 2}, 4)[0] == (
+        "The VAE keeps only part of the state: probe R² 0.30 vs 0.10 for a random projection; "
+        "2 of 4 latent units active.")
+    text, good = visualize.verdict(None, None, {"recon_mse_per_pixel": 0.01, "active_units": 3},
+                                   4)
+    assert good and text.startswith("No probe of the state")
 
 
 def test_bad_inputs_are_one_line_user_errors(

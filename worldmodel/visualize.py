@@ -513,26 +513,74 @@ def _sample_stats(enc: _Encoded) -> dict[str, Any]:
     }
 
 
+def _mean_r2(value: Any) -> float | None:
+    """A probe R² as ``metrics`` records it (``{"mean": ...}`` or a number), or ``None``."""
+    if isinstance(value, dict):
+        value = value.get("mean")
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def verdict(summary: Any, rep: dict[str, Any] | None, stats: Mapping[str, Any],
+            latent_dim: int) -> tuple[str, bool]:
+    """One plain sentence on the VAE, and whether it is good news.
+
+    It puts the linear-probe R² of the latents against a random projection of the pixels, the
+    reconstruction error against predicting the dataset's mean image (both from train-vae's
+    ``summary.json`` when it has them) and the active latent units side by side.
+    """
+    from worldmodel.train_vae import MEAN_IMAGE_RATIO
+
+    info = summary if isinstance(summary, dict) else {}
+    clauses: list[str] = []
+    good = True
+    ours = _mean_r2((rep or {}).get("probe_r2"))
+    base = _mean_r2(((rep or {}).get("random_projection") or {}).get("probe_r2"))
+    if ours is None:
+        lead = "No probe of the state (the dataset records no true state)"
+    else:
+        than = f" vs {base:.2f} for a random projection" if base is not None else ""
+        if ours >= 0.5 and (base is None or ours > base):
+            lead = f"The VAE keeps the state: probe R² {ours:.2f}{than}"
+        elif ours > 0 and (base is None or ours > base):
+            lead, good = f"The VAE keeps only part of the state: probe R² {ours:.2f}{than}", False
+        else:
+            lead, good = f"The VAE does not keep the state: probe R² {ours:.2f}{than}", False
+    mse, mean_mse = info.get("val_mse_per_pixel"), info.get("mean_image_mse")
+    if isinstance(mse, int | float) and isinstance(mean_mse, int | float) and mse > 0:
+        if mse <= MEAN_IMAGE_RATIO * mean_mse:
+            clauses.append(f"reconstructions {mean_mse / mse:.1f}x better than the mean image")
+        else:
+            good = False
+            clauses.append(f"reconstructions no better than the mean image (MSE/pixel "
+                           f"{mse:.3g} vs {mean_mse:.3g}): small objects are probably lost")
+    elif isinstance(stats.get("recon_mse_per_pixel"), int | float):
+        clauses.append(f"reconstruction MSE/pixel {stats['recon_mse_per_pixel']:.3g} on the "
+                       "sample (no mean-image reference recorded)")
+    active = info.get("active_units", stats.get("active_units"))
+    if isinstance(active, int):
+        if active == 0:
+            good = False
+            clauses.append(f"none of the {latent_dim} latent units is active (posterior "
+                           "collapse: the latents carry nothing)")
+        else:
+            clauses.append(f"{active} of {latent_dim} latent units active")
+    return "; ".join([lead, *clauses]) + ".", good
+
+
 def _page(report: dict[str, Any], files: dict[str, bytes], video: Path, summary: Any,
           out: Path) -> str:
-    """The HTML of ``visualize.html``."""
+    """The HTML of ``visualize.html``: verdict, warnings, pictures, numbers, raw summary."""
     rep, stats = report["representation"], report["sample"]
     vae_run, data = html.escape(report["vae_run"]), html.escape(report["data"])
-    parts = [
-        _section("Run", _table(report["run"])),
-        _section("Representation metrics",
-                 _representation_html(rep, report["representation_source"] or "")),
-        _section(f"On the sample ({stats['frames']} frames)", _table(stats),
-                 f"active_units: latent dimensions whose mean KL exceeds {ACTIVE_KL_NATS} "
-                 "nats (as in train-vae); dims_with_var_mu_above_0.01: those whose posterior "
-                 "mean varies over the sample (Burda et al.'s activity)."),
-    ]
+    text, good = verdict(summary, rep, stats, int(report["run"]["latent_dim"]))
+    parts = [f'<p class="verdict{"" if good else " warn"}"><strong>{html.escape(text)}'
+             "</strong></p>"]
     warnings = summary.get("warnings") if isinstance(summary, dict) else None
     if warnings:
         items = "".join(f"<li>{html.escape(str(w))}</li>" for w in warnings)
-        parts.insert(0, _section("Warnings from train-vae", f"<ul class=warn>{items}</ul>"))
-    if summary is not None:
-        parts.append(_section("VAE run summary (summary.json)", _table(_flatten(summary))))
+        parts.append(_section("Warnings from train-vae", f"<ul class=warn>{items}</ul>"))
     parts += [
         _section("Reconstructions", _img(files["reconstructions.png"], "grid", True),
                  "Each pair of rows: originals over their reconstructions."),
@@ -549,12 +597,22 @@ def _page(report: dict[str, Any], files: dict[str, bytes], video: Path, summary:
                  "Frame A, the decodings of (1 - a) mu_A + a mu_B, frame B."),
         _section("2-D projection", _img(files["projection.png"], "projection"),
                  html.escape(report["projection"])),
+        _section("Representation metrics",
+                 _representation_html(rep, report["representation_source"] or "")),
+        _section(f"On the sample ({stats['frames']} frames)", _table(stats),
+                 f"active_units: latent dimensions whose mean KL exceeds {ACTIVE_KL_NATS} "
+                 "nats (as in train-vae); dims_with_var_mu_above_0.01: those whose posterior "
+                 "mean varies over the sample (Burda et al.'s activity)."),
+        _section("Run", _table(report["run"])),
         _section("Interactive",
                  f"<pre>tensorboard --logdir {html.escape(str(out))}</pre><p>shows these "
                  "latents with their frames and metadata in the PROJECTOR tab, and</p>"
                  f"<pre>worldmodel explore {vae_run} --data {data}</pre>"
                  "<p>decodes latents live in the browser.</p>"),
     ]
+    if summary is not None:
+        parts.append("<details id=run-summary><summary>Run summary (summary.json)</summary>"
+                     f"{_table(_flatten(summary))}</details>")
     template = Template(_static_text("visualize.html"))
     return template.substitute(title=html.escape(f"VAE {Path(report['vae_run']).name}"),
                                content="\n".join(parts))
