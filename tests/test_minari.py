@@ -20,7 +20,7 @@ from minari.data_collector import EpisodeBuffer
 
 from worldmodel.cli import main
 from worldmodel.dataset import open_dataset
-from worldmodel.minari_io import export_minari, import_minari
+from worldmodel.minari_io import export_minari, import_minari, space_from_description
 
 #: The smallest PSNR (dB) of a Reach episode at 32x32 stored as JPEG by Minari (PIL's default
 #: quality 75) and decoded again: measured 25.4-29.5 dB per frame, 26.9 on average.
@@ -50,12 +50,13 @@ def keep_log_handlers() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def reach32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2 Reach episodes of at most 12 steps at 32x32x3: the size Minari JPEG-encodes."""
+    """2 Reach episodes of at most 12 steps at 32x32x3 (Minari JPEGs that size), Box actions."""
     from worldmodel.collect import run
     from worldmodel.config import resolve_config
 
     cfg = resolve_config(None, ["env.image_size=32", "collect.episodes=2", "collect.workers=1",
-                                "collect.max_episode_steps=12"])
+                                "collect.max_episode_steps=12",
+                                "env.kwargs={continuous: true}"])
     return run(cfg, tmp_path_factory.mktemp("reach32") / "data")
 
 
@@ -126,6 +127,7 @@ def test_frames_minari_would_jpeg_stay_exact(reach32: Path, tmp_path: Path) -> N
     export_minari(reach32, "worldmodel/Reach/random32-v0")
     ds = minari.load_dataset("worldmodel/Reach/random32-v0")
     assert ds.storage.metadata["jpeg_encoding"] is False
+    assert ds.action_space.shape == (2,) and ds.env_spec.kwargs["continuous"] is True
     out = import_minari("worldmodel/Reach/random32-v0", tmp_path / "imported")
     _same_episodes(reach32, out)
 
@@ -144,7 +146,7 @@ def test_a_jpeg_minari_dataset_imports_within_the_stated_psnr(
                for ep in reader]
     minari.create_dataset_from_buffers(
         "other/Reach/jpeg-v0", buffers, observation_space=spaces.Box(0, 255, (32, 32, 3), np.uint8),
-        action_space=spaces.Discrete(5), jpeg_encoding=True,
+        action_space=space_from_description(reader.manifest["action_space"]), jpeg_encoding=True,
         algorithm_name="random", author="x", author_email="x", code_permalink="x", description="x",
     )
     out = tmp_path / "imported"
