@@ -6,8 +6,9 @@ are summarised with rliable (Agarwal et al., 2021): IQM, mean and median with st
 confidence intervals, and the probability of improvement between groups. A random-policy baseline,
 evaluated on the same env and episode seeds, is always included: its "runs" are its episodes.
 
-Outputs in the report folder: ``report.md`` (tables and plots), ``report.json`` (every number),
-``return_vs_steps.png``, ``return_vs_seconds.png``, ``final_scores.png``, ``steps_per_second.png``.
+Outputs in the report folder: ``report.md`` (a one-line verdict, tables, plots), ``report.json``
+(every number), ``return_vs_steps.png``, ``return_vs_seconds.png``, ``final_scores.png``,
+``steps_per_second.png``.
 """
 
 from __future__ import annotations
@@ -527,6 +528,26 @@ def _verdicts(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
+def headline(stats: dict[str, Any], ci: str = "CI") -> str:
+    """One line: the best arm by IQM and whether its CI is apart from the next arm's."""
+    arms = sorted((name for name in stats if name != RANDOM),
+                  key=lambda name: stats[name]["IQM"][0], reverse=True)
+    if not arms:
+        return "No arm to compare."
+    best, (point, low, high) = arms[0], stats[arms[0]]["IQM"]
+    text = f"Best arm: **{best}**, IQM {point:.3f} [{low:.3f}, {high:.3f}]"
+    if len(arms) == 1:
+        _, _, random_high = stats[RANDOM]["IQM"]
+        return text + (" (the only arm); its " + ci + " is above the random baseline's."
+                       if low > random_high else
+                       f" (the only arm); its {ci} is not apart from the random baseline's.")
+    runner, (r_point, r_low, r_high) = arms[1], stats[arms[1]]["IQM"]
+    other = f"the next arm, **{runner}** (IQM {r_point:.3f} [{r_low:.3f}, {r_high:.3f}])"
+    if low > r_high:
+        return f"{text}; its {ci} is apart from {other}: a clear winner."
+    return f"{text}; its {ci} overlaps {other}: no clear winner at this confidence."
+
+
 def write_report(
     out: Path, groups: list[Group], baseline: np.ndarray, cfg: CompareConfig
 ) -> dict[str, Any]:
@@ -577,6 +598,8 @@ def _markdown(
     ci = f"{cfg.confidence:.0%} CI"
     lines = [
         f"# Pixel vs latent agents on {report['env']}",
+        "",
+        headline(stats, ci),
         "",
         f"Scores are each run's mean return over its final evaluation episodes; groups are "
         f"aggregated over seeds with rliable ({ci}, stratified bootstrap, "

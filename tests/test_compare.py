@@ -77,9 +77,33 @@ def test_compare_gives_right_iqm_and_cis_containing_truth(
     md = (out / "report.md").read_text()
     assert "| latent | 5 (seeds 0, 1, 2, 3, 4)" in md and "random policy" in md
     assert "**latent**: IQM" in md and "above the random baseline" in md
+    title, blank, verdict = md.splitlines()[:3]  # the verdict right after the title
+    assert title.startswith("# ") and blank == ""
+    assert verdict.startswith("Best arm: **latent**, IQM ")
+    assert verdict.endswith("is apart from the next arm, **pixel** (IQM "
+                            f"{_iqm_text(report['groups']['pixel']['IQM'])}): a clear winner.")
     for png in ("return_vs_steps", "return_vs_seconds", "final_scores", "steps_per_second"):
         data = (out / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _iqm_text(values: list[float]) -> str:
+    return "{:.3f} [{:.3f}, {:.3f}]".format(*values)
+
+
+def test_headline_names_the_best_arm_and_whether_its_ci_is_apart() -> None:
+    def stats(**iqm: list[float]) -> dict[str, dict[str, list[float]]]:
+        return {name: {"IQM": values} for name, values in
+                {**iqm, compare.RANDOM: [-1.0, -1.2, -0.8]}.items()}
+
+    apart = compare.headline(stats(pixel=[0.2, 0.1, 0.3], latent=[0.9, 0.8, 1.0]), "95% CI")
+    assert apart == ("Best arm: **latent**, IQM 0.900 [0.800, 1.000]; its 95% CI is apart from "
+                     "the next arm, **pixel** (IQM 0.200 [0.100, 0.300]): a clear winner.")
+    close = compare.headline(stats(pixel=[0.5, 0.1, 0.85], latent=[0.9, 0.8, 1.0]))
+    assert close.startswith("Best arm: **latent**") and "overlaps the next arm, **pixel**" in close
+    assert close.endswith("no clear winner at this confidence.")
+    assert "above the random baseline" in compare.headline(stats(pixel=[0.2, 0.1, 0.3]))
+    assert "not apart from the random" in compare.headline(stats(pixel=[-0.9, -1.5, 0.3]))
 
 
 def test_groups_split_on_differing_keys(tmp_path: Path) -> None:
