@@ -150,13 +150,6 @@ def space_from_description(desc: dict[str, Any]) -> spaces.Space[Any]:
                     "to Minari: Box, Discrete and MultiDiscrete can")
 
 
-def _describe_space(space: spaces.Space[Any]) -> dict[str, Any]:
-    """A manifest's ``action_space`` entry, as the collector writes it."""
-    from worldmodel.collect.coordinator import _describe_space as describe
-
-    return describe(space)
-
-
 # --------------------------------------------------------------------------------------------
 # Export
 
@@ -419,7 +412,7 @@ def import_minari(dataset_id: str, out: PathLike) -> Path:
     """
     from gymnasium import spaces
 
-    from worldmodel.collect.coordinator import _versions, settings_of
+    from worldmodel.collect.coordinator import describe_space, library_versions, settings_of
 
     minari = _minari()
     dataset = _load(minari, dataset_id)
@@ -450,13 +443,13 @@ def import_minari(dataset_id: str, out: PathLike) -> Path:
         "seed": ours.get("seed"),
         "settings": settings_of(cfg),
         "frame_shape": list(frame_shape),
-        "action_space": _describe_space(dataset.action_space),
+        "action_space": describe_space(dataset.action_space),
         "has_state": False,
         "layout": layout.to_json(),
         "compressor": "zstd level 3 with frame checksums, per chunk",
         "shards": ["w0"],
         "config": cfg.model_dump(mode="json"),
-        "versions": _versions(),
+        "versions": library_versions(),
         "runs": [],
         "target": {"episodes": int(dataset.total_episodes), "frames": None},
         "source": source,

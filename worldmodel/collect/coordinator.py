@@ -48,7 +48,8 @@ log = logging.getLogger("worldmodel")
 RAY_EXTRA = 'pip install "worldmodel[ray]"'
 
 
-def _describe_space(space: spaces.Space[Any]) -> dict[str, Any]:
+def describe_space(space: spaces.Space[Any]) -> dict[str, Any]:
+    """A manifest's ``action_space`` entry: the space as plain JSON (type, shape, bounds)."""
     from gymnasium import spaces
 
     if isinstance(space, spaces.Discrete):
@@ -69,7 +70,8 @@ def settings_of(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(stage_settings(cfg, STAGE, "output")))
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions a dataset records of the libraries that wrote it."""
     import gymnasium
     import numcodecs
     import zarr
@@ -96,7 +98,7 @@ def _probe(cfg: Config) -> tuple[Layout, dict[str, Any]]:
             state_shape=None if state is None else tuple(np.asarray(state).shape),
             chunk_frames=cfg.collect.chunk_frames,
         )
-        return layout, _describe_space(env.action_space)
+        return layout, describe_space(env.action_space)
     finally:
         env.close()
 
@@ -138,7 +140,7 @@ def _prepare_manifest(cfg: Config, loc: Location, workers: int) -> dict[str, Any
             "compressor": "zstd level 3 with frame checksums, per chunk",
             "shards": [],
             "config": cfg.model_dump(mode="json"),
-            "versions": _versions(),
+            "versions": library_versions(),
             "runs": [],
         }
     manifest["target"] = target
