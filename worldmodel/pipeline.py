@@ -5,6 +5,7 @@ Each stage writes its own sub-folder of the pipeline folder (its ``StageSpec.fol
     OUT/config.yaml                  the resolved pipeline config
     OUT/data/                        collect
     OUT/vae/                         train-vae
+    OUT/memory/                      train-memory, when an arm observes M (``latent-memory``...)
     OUT/agents/{obs_mode}__seed{s}/  train-agent (one run per arm and seed), then evaluate
     OUT/report/                      compare (report.md, report.json, plots)
     OUT/visualize/                   visualize (the VAE's pictures), when pipeline.visualize
@@ -44,7 +45,7 @@ from typing import Any
 
 from agents import compare, evaluate, train
 from agents.modes import check_modes
-from worldmodel import collect, train_vae, visualize
+from worldmodel import collect, train_memory, train_vae, visualize
 from worldmodel.config import Config, validate_config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json, read_json
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 REGISTRY: tuple[StageSpec, ...] = (
     collect.STAGE,
     train_vae.STAGE,
+    train_memory.STAGE,
     train.STAGE,
     evaluate.STAGE,
     compare.STAGE,
@@ -99,13 +101,28 @@ class PlannedRun:
 def plan(cfg: Config) -> list[PlannedRun]:
     """Every run of every registered stage for ``cfg``, in order, with its inputs and key."""
     runs: dict[str, list[PlannedRun]] = {}
-    for spec in REGISTRY:
-        if spec.switch is not None and not settings(cfg, _switch_spec(spec), "output").get(
-            spec.switch
-        ):
+    on = [spec for spec in REGISTRY if _switched_on(cfg, spec)]
+    for spec in on:
+        if spec.on_demand and not _demanded(cfg, spec.name, on):
             continue
         runs[spec.name] = _plan_stage(cfg, spec, runs)
     return [r for stage_runs in runs.values() for r in stage_runs]
+
+
+def _switched_on(cfg: Config, spec: StageSpec) -> bool:
+    return spec.switch is None or bool(
+        settings(cfg, _switch_spec(spec), "output").get(spec.switch))
+
+
+def _demanded(cfg: Config, name: str, specs: list[StageSpec]) -> bool:
+    """Whether a run of one of ``specs`` reads the stage ``name`` (for ``on_demand`` stages)."""
+    for spec in specs:
+        if spec.variants is not None:
+            if any(name in v.needs for v in spec.variants(cfg)):
+                return True
+        elif name in spec.needs:
+            return True
+    return False
 
 
 def _switch_spec(spec: StageSpec) -> StageSpec:
@@ -229,8 +246,12 @@ def execute(root: str, run: PlannedRun) -> str:
 # Parallel runs: worker processes that die with the pipeline, or Ray tasks
 
 
-def _worker_init(parent_pid: int, threads: int) -> None:
-    """Each worker: die with the pipeline's main process; ``threads`` torch threads."""
+def _worker_init(parent_pid: int, threads: int, level: int) -> None:
+    """Set up a worker: it dies with the pipeline's main process and uses its log level.
+
+    :param threads: torch intra-op threads.
+    :param level: the main process's ``worldmodel`` log level (``-q``/``-v``).
+    """
     import torch
 
     from worldmodel.collect.worker import die_with_parent
@@ -246,8 +267,7 @@ def _worker_init(parent_pid: int, threads: int) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
     if threads > 0:
         torch.set_num_threads(threads)
-    if not logging.getLogger().handlers:
-        setup_logging(0)
+    setup_logging({logging.WARNING: -1, logging.INFO: 0}.get(level, 1))
 
 
 def _execute_in_worker(root: str, run: PlannedRun) -> str:
@@ -271,7 +291,9 @@ def _run_parallel(cfg: Config, root: Path, runs: list[PlannedRun]) -> None:
     threads = max(1, (os.cpu_count() or 1) // parallel)
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, initializer=_worker_init,
-                             initargs=(os.getpid(), threads)) as pool:
+                             initargs=(os.getpid(), threads,
+                                       logging.getLogger("worldmodel").getEffectiveLevel()),
+                             ) as pool:
         futures = [pool.submit(_execute_in_worker, str(root), r) for r in pending]
         for future in futures:
             log.info("[pipeline] finished: %s", future.result())

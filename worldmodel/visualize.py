@@ -614,7 +614,9 @@ def _page(report: dict[str, Any], files: dict[str, bytes], video: Path, summary:
         parts.append("<details id=run-summary><summary>Run summary (summary.json)</summary>"
                      f"{_table(_flatten(summary))}</details>")
     template = Template(_static_text("visualize.html"))
-    return template.substitute(title=html.escape(f"VAE {Path(report['vae_run']).name}"),
+    env = report.get("run", {}).get("env") or "a dataset"
+    title = f"VAE run {Path(report['vae_run']).name} on {env}"
+    return template.substitute(title=html.escape(title),
                                content="\n".join(parts))
 
 
