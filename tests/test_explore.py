@@ -491,6 +491,46 @@ def test_browser_slider_decodes_live(server: ExplorerServer, setup: dict[str, Pa
             browser.close()
 
 
+def test_browser_visualize_page_leads_with_the_verdict(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """In Chromium: the verdict is the first thing on the page, the raw summary the last."""
+    import json
+    import shutil
+
+    from worldmodel import visualize
+
+    sync_playwright = _playwright()
+    vae = Path(shutil.copytree(setup["vae"], tmp_path / "vae"))
+    (vae / "summary.json").write_text(json.dumps({  # what train-vae writes, in brief
+        "steps": 200, "val_mse_per_pixel": 0.004, "mean_image_mse": 0.02, "active_units": 4}))
+    page_file = visualize.run(vae, setup["data"], tmp_path / "vis", max_frames=64)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(page_file.as_uri())
+            order = page.evaluate("""() => {
+                const all = [...document.body.querySelectorAll('*')];
+                const at = (el) => el ? all.indexOf(el) : -1;
+                const details = document.querySelector('details#run-summary');
+                return {
+                    verdict: at(document.querySelector('p.verdict')),
+                    firstImage: at(document.querySelector('img, video')),
+                    details: at(details),
+                    lastSection: at([...document.body.children].at(-1)),
+                    open: details ? details.open : null,
+                    tableInDetails: !!(details && details.querySelector('table')),
+                };
+            }""")
+            assert 0 <= order["verdict"] < order["firstImage"], order
+            assert order["details"] > order["firstImage"] and order["tableInDetails"], order
+            assert order["open"] is False, order  # collapsed
+            assert page.locator("p.verdict").inner_text().strip()
+        finally:
+            browser.close()
+
+
 # ------------------------------------------------------------------------------------------
 # The command, stopped with Ctrl-C
 
