@@ -106,7 +106,17 @@ def agent_observation_space(run_dir: Path, cfg: Config) -> spaces.Box:
     from agents.latent import latent_space
 
     history = cfg.agent.history
-    if get_mode(cfg.agent.obs_mode).wrapper == "latents":
+    mode = get_mode(cfg.agent.obs_mode)
+    if mode.needs_memory_run:
+        from agents.memory_obs import memory_space, read_memory_record
+
+        vae_record, memory_record = read_vae_record(run_dir), read_memory_record(run_dir)
+        if vae_record is None or memory_record is None:
+            raise UserError(f"{run_dir}: {VAE_RECORD_NAME} or memory.json is missing; cannot "
+                            "rebuild the agent")
+        return memory_space(int(vae_record["latent_dim"]), int(memory_record["hidden_size"]),
+                            history)
+    if mode.wrapper == "latents":
         record = read_vae_record(run_dir)
         if record is None:
             raise UserError(f"{run_dir}: {VAE_RECORD_NAME} is missing; cannot rebuild the agent")

@@ -7,6 +7,9 @@ Everything that differs between modes is read from the mode's row, never from it
 * :func:`agents.encoders.prepare_encoder` requires ``--vae`` when ``uses_vae_weights``, builds an
   untrained encoder when only the architecture is borrowed, and none without ``needs_vae_run``;
 * :func:`agents.wrapping.wrap_observations` wraps the raw frames with the row's ``wrapper``;
+* modes that ``needs_memory_run`` get a memory run M (``--memory``; the pipeline's
+  ``train-memory``) and observe ``[z_t, h_t]`` (:mod:`agents.memory_obs`); with
+  ``uses_memory_weights`` its trained weights, otherwise an untrained M of its architecture;
 * :mod:`agents.models` picks ``default_policy`` and, with ``encoder_in_policy``, puts the VAE
   encoder inside the policy as its features extractor;
 * ``compare`` reports groups in the table's order.
@@ -28,10 +31,10 @@ from worldmodel.errors import ConfigError
 if TYPE_CHECKING:
     from worldmodel.config import Config
 
-#: What the policy network observes: image frames or VAE latent vectors.
+#: What the policy network observes: image frames or VAE latent vectors (with M's state).
 PolicyInput = Literal["frames", "latents"]
 #: How raw env frames become observations; a key of :data:`agents.wrapping.WRAPPERS`.
-WrapperKind = Literal["frames", "latents"]
+WrapperKind = Literal["frames", "latents", "latents-memory"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class ObsModeSpec:
     :param wrapper: how the env's frames are wrapped into observations.
     :param encoder_in_policy: the VAE encoder is inside the policy (its features extractor) and
         trained with it, instead of frozen in the env wrapper.
+    :param needs_memory_run: the policy also observes the LSTM state ``h_t`` of a memory model M
+        whose architecture (and maybe weights) comes from a memory run (``--memory``).
+    :param uses_memory_weights: its results depend on the memory run's trained weights;
+        otherwise M is untrained (seeded by ``seed``), borrowing only the architecture.
     """
 
     name: str
@@ -59,6 +66,8 @@ class ObsModeSpec:
     default_policy: Literal["CnnPolicy", "MlpPolicy"]
     wrapper: WrapperKind
     encoder_in_policy: bool = False
+    needs_memory_run: bool = False
+    uses_memory_weights: bool = False
 
     def __post_init__(self) -> None:
         """Reject rows that contradict themselves."""
@@ -66,6 +75,17 @@ class ObsModeSpec:
             raise ValueError(f"obs mode {self.name}: uses_vae_weights needs needs_vae_run")
         if self.encoder_in_policy and not self.needs_vae_run:
             raise ValueError(f"obs mode {self.name}: encoder_in_policy needs needs_vae_run")
+        if self.uses_memory_weights and not self.needs_memory_run:
+            raise ValueError(f"obs mode {self.name}: uses_memory_weights needs needs_memory_run")
+        if self.needs_memory_run and not self.frozen_encoder:
+            raise ValueError(f"obs mode {self.name}: needs_memory_run needs a frozen encoder")
+
+    @property
+    def memory_kind(self) -> Literal["memory", "random"] | None:
+        """The ``kind`` recorded in ``memory.json``: trained M, untrained M, or no M."""
+        if not self.needs_memory_run:
+            return None
+        return "memory" if self.uses_memory_weights else "random"
 
     @property
     def encoder_kind(self) -> Literal["vae", "random"] | None:
@@ -118,6 +138,27 @@ MODES: tuple[ObsModeSpec, ...] = (
         policy_input="latents",
         default_policy="MlpPolicy",
         wrapper="latents",
+    ),
+    ObsModeSpec(
+        name="latent-memory",
+        description="MlpPolicy on [z, h]: a frozen VAE's latents and M's LSTM state",
+        needs_vae_run=True,
+        uses_vae_weights=True,
+        policy_input="latents",
+        default_policy="MlpPolicy",
+        wrapper="latents-memory",
+        needs_memory_run=True,
+        uses_memory_weights=True,
+    ),
+    ObsModeSpec(
+        name="latent-memory-untrained",
+        description="[z, h] with an untrained M (control)",
+        needs_vae_run=True,
+        uses_vae_weights=True,
+        policy_input="latents",
+        default_policy="MlpPolicy",
+        wrapper="latents-memory",
+        needs_memory_run=True,
     ),
 )
 

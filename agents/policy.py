@@ -3,7 +3,8 @@
 ``worldmodel collect`` with ``collect.policy: agent:RUN`` calls :func:`make_policy` in each worker
 (it is a picklable module-level function). The policy builds the observation pipeline the run
 was trained with, from its folder (:mod:`agents.encoders`): the same VAE (checked by weights hash),
-the same latent or frame history (zeros before the episode start) and the same latent mode.
+the same latent or frame history (zeros before the episode start) and the same latent mode;
+the memory modes also carry M's LSTM state through the episode (:mod:`agents.memory_obs`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from stable_baselines3.common.vec_env.stacked_observations import StackedObserva
 
 from agents.encoders import load_encoder
 from agents.latent import latent_space
+from agents.memory_obs import load_agent_memory
 from agents.models import agent_device, load_model
 from agents.modes import get_mode
 from worldmodel.errors import UserError
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
     from worldmodel.config import Config
+    from worldmodel.memory import LoadedMemory
     from worldmodel.vae import LoadedVAE
 
 
@@ -41,6 +44,8 @@ class AgentPolicy:
     :param seed: seeds the random actions and the policy's sampling.
     :param epsilon: probability of a uniformly random action at each step.
     :param deterministic: greedy actions instead of sampling from the policy.
+    :param memory: M (memory modes): observations are ``[z_t, h_t]``, and M reads
+        ``(z_t, a_t)`` after each action.
     """
 
     def __init__(
@@ -52,9 +57,13 @@ class AgentPolicy:
         seed: int = 0,
         epsilon: float = 0.0,
         deterministic: bool = False,
+        memory: LoadedMemory | None = None,
     ) -> None:
         self.model = model
         self.encoder = encoder
+        self.memory = memory
+        self._state = memory.initial_state(1) if memory is not None else None
+        self._z: np.ndarray | None = None
         self.latent = cfg.agent.latent
         self.epsilon = epsilon
         self.deterministic = deterministic
@@ -63,6 +72,10 @@ class AgentPolicy:
         if get_mode(cfg.agent.obs_mode).policy_input == "latents":
             assert encoder is not None
             base: spaces.Box = latent_space(encoder.latent_dim)
+            if memory is not None:
+                from agents.memory_obs import memory_space
+
+                base = memory_space(encoder.latent_dim, memory.hidden_size)
         else:
             base = spaces.Box(0, 255, cfg.env.obs_shape, np.uint8)
         self._stack = StackedObservations(1, cfg.agent.history, base, "last")
@@ -84,10 +97,17 @@ class AgentPolicy:
         frames = np.asarray(frame)[None]
         if self.encoder is None:
             return frames
-        return self.encoder.encode(frames, mode=self.latent)
+        z = self.encoder.encode(frames, mode=self.latent)
+        if self.memory is None or self._state is None:
+            return z
+        self._z = z
+        hidden = self._state[0][0].cpu().numpy()
+        return np.concatenate([z, hidden], axis=1).astype(np.float32)
 
     def reset(self, obs: np.ndarray, info: dict[str, Any]) -> None:
         """Start an episode whose first frame is ``obs``."""
+        if self.memory is not None:
+            self._state = self.memory.initial_state(1)
         self._obs = self._stack.reset(self._transform(obs)).copy()
         self._fresh = True
 
@@ -100,10 +120,17 @@ class AgentPolicy:
             self._obs = stacked.copy()
         self._fresh = False
         if self.epsilon > 0 and self.rng.random() < self.epsilon:
-            return self.action_space.sample()
+            return self._remember(self.action_space.sample())
         assert self._obs is not None
         action, _ = self.model.predict(self._obs, deterministic=self.deterministic)
-        return action[0]
+        return self._remember(action[0])
+
+    def _remember(self, action: Any) -> Any:
+        """Memory modes: advance M's state with ``(z_t, a_t)``; return ``action``."""
+        if self.memory is not None and self._state is not None and self._z is not None:
+            vector = self.memory.actions(np.asarray([action]))
+            _, self._state = self.memory.step(self._z, vector, self._state)
+        return action
 
 
 def make_policy(spec: str, env: gym.Env[Any, Any], seed: int, epsilon: float) -> AgentPolicy:
@@ -136,4 +163,5 @@ def make_policy(spec: str, env: gym.Env[Any, Any], seed: int, epsilon: float) ->
             f"{env.action_space}"
         )
     encoder = load_encoder(run, cfg)
-    return AgentPolicy(model, cfg, encoder, env.action_space, seed, epsilon)
+    memory = load_agent_memory(run, cfg)
+    return AgentPolicy(model, cfg, encoder, env.action_space, seed, epsilon, memory=memory)

@@ -51,6 +51,7 @@ from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 from agents.encoders import load_encoder, prepare_encoder, read_vae_record
 from agents.evaluate import retire_eval
 from agents.hyperparams import parse_hyperparams
+from agents.memory_obs import load_agent_memory, prepare_memory, read_memory_record
 from agents.models import (
     LEGACY_REPLAY_FILE,
     REPLAY_FILE,
@@ -77,7 +78,7 @@ from worldmodel.io import (
     read_json,
     read_jsonl,
 )
-from worldmodel.runfolder import RunFolder
+from worldmodel.runfolder import RunFolder, require_kind
 from worldmodel.stages import StageSpec, Variant, resume_mismatches
 from worldmodel.utils import progress_enabled, seed_everything
 
@@ -318,7 +319,7 @@ def check_action_space(algo: str, space: spaces.Space[Any], env_id: str) -> None
 STALE_FILES = (
     "evaluations.jsonl", "train_state.json", "summary.json", "eval.json", "best_model.zip",
     NORMALIZE_FILE, LEGACY_NORMALIZE_FILE, REPLAY_FILE, LEGACY_REPLAY_FILE, "vae.json",
-    "random_encoder.pt", "progress*.csv", "events.*",
+    "random_encoder.pt", "memory.json", "random_memory.pt", "progress*.csv", "events.*",
 )
 
 
@@ -424,13 +425,16 @@ def _read_state(out: Path) -> dict[str, Any]:
     return state
 
 
-def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool | None = False) -> Path:
+def run(cfg: Config, out: Path, vae: Path | None = None, memory: Path | None = None,
+        resume: bool | None = False) -> Path:
     """Train an agent as ``cfg.agent`` says; see the module docstring for the run folder.
 
     :param cfg: the resolved config.
     :param out: the run folder.
     :param vae: the VAE run (``latent``, ``latent-finetune``; optional for ``random-encoder``,
         where it only decides the architecture).
+    :param memory: the memory run (``latent-memory``; ``latent-memory-untrained`` borrows its
+        architecture), recorded in ``memory.json`` (:mod:`agents.memory_obs`).
     :param resume: continue from ``out/last.zip`` (the step count goes on; a session that
         trains further moves ``eval.json``, which described the agent before it, to
         ``eval.previous.json``). ``False`` starts a run, but resumes one that was interrupted
@@ -440,12 +444,17 @@ def run(cfg: Config, out: Path, vae: Path | None = None, resume: bool | None = F
     out = Path(out)
     algo = algo_class(cfg.agent.algo)
     parse_hyperparams(cfg.agent.hyperparams, algo)  # fail fast, before envs are built
+    if vae is not None:
+        require_kind(Path(vae), "vae", "--vae")
+    if memory is not None:
+        require_kind(Path(memory), "memory", "--memory")
     with open_run(cfg, out, resume) as folder:
-        _run(cfg, out, vae, folder)
+        _run(cfg, out, vae, folder, memory)
     return out
 
 
-def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder) -> None:
+def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder,
+         memory_run: Path | None = None) -> None:
     resume = folder.resume
     seed_everything(cfg.seed)
     device = agent_device(cfg)
@@ -455,18 +464,26 @@ def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder) -> None:
             log.warning("--resume uses the recorded VAE %s, not --vae %s", record["path"], vae)
     else:
         encoder, record = prepare_encoder(cfg, vae, out)
+    if resume:
+        memory, memory_record = load_agent_memory(out, cfg), read_memory_record(out)
+    else:
+        memory, memory_record = prepare_memory(cfg, memory_run, encoder, out)
     folder.save_config(cfg)
     gamma = float(cfg.agent.hyperparams.get("gamma", 0.99))
     env = make_agent_env(cfg, encoder, n_envs=cfg.env.n_envs, seed=cfg.seed, gamma=gamma,
-                         normalize_from=out / NORMALIZE_FILE if resume else None)
+                         normalize_from=out / NORMALIZE_FILE if resume else None, memory=memory)
     eval_env = None
     try:
         check_action_space(cfg.agent.algo, env.action_space, cfg.env.id)
         eval_env = make_agent_env(cfg, encoder, n_envs=cfg.agent.eval_envs,
-                                  seed=cfg.seed + EVAL_SEED_OFFSET, training=False, gamma=gamma)
+                                  seed=cfg.seed + EVAL_SEED_OFFSET, training=False, gamma=gamma,
+                                  memory=memory)
         model = _build_model(cfg, out, env, record, resume, device)
         summary = _train(cfg, out, model, eval_env, record, resume)
         if summary is not None:
+            if memory_record is not None:
+                summary["memory"] = {k: memory_record.get(k) for k in
+                                     ("kind", "path", "checkpoint", "weights_hash")}
             folder.save_summary(summary)
         folder.finish()
     finally:
@@ -593,7 +610,8 @@ def write_hparams(out: Path, cfg: Config, final_mean_return: float, step: int) -
 
 
 def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool | None) -> Path:
-    return run(cfg, out, vae=inputs.get("train-vae"), resume=resume)
+    return run(cfg, out, vae=inputs.get("train-vae"), memory=inputs.get("train-memory"),
+               resume=resume)
 
 
 def agent_config(cfg: Config, mode: str, seed: int) -> Config:
@@ -606,6 +624,8 @@ def agent_config(cfg: Config, mode: str, seed: int) -> Config:
 
 #: The ``vae`` settings that ``build_vae`` reads: what an untrained encoder borrows of a VAE run.
 VAE_ARCHITECTURE = ("vae.latent_dim", "vae.widths", "vae.decoder", "vae.broadcast_size")
+#: The ``memory`` settings that ``build_memory`` reads: what an untrained M borrows of a memory run.
+MEMORY_ARCHITECTURE = ("memory.hidden_size", "memory.mixtures")
 
 
 def arms(cfg: Config) -> list[Variant]:
@@ -613,16 +633,24 @@ def arms(cfg: Config) -> list[Variant]:
 
     What each run reads follows its mode's row (:mod:`agents.modes`): modes with an encoder
     get the VAE run; only those that use its trained weights depend on its key, the others on
-    its architecture (:data:`VAE_ARCHITECTURE`).
+    its architecture (:data:`VAE_ARCHITECTURE`). Modes with M get the memory run too, keyed
+    on it when they use its weights, else on its architecture (:data:`MEMORY_ARCHITECTURE`).
     """
     from agents.modes import get_mode
 
     out = []
     for name in cfg.pipeline.obs_modes:
         mode = get_mode(name, "pipeline.obs_modes")
-        needs = ("train-vae",) if mode.needs_vae_run else ()
-        keyed = needs if mode.uses_vae_weights else ()
-        reads = VAE_ARCHITECTURE if mode.needs_vae_run and not mode.uses_vae_weights else ()
+        needs: tuple[str, ...] = ("train-vae",) if mode.needs_vae_run else ()
+        keyed: tuple[str, ...] = needs if mode.uses_vae_weights else ()
+        reads: tuple[str, ...] = (
+            VAE_ARCHITECTURE if mode.needs_vae_run and not mode.uses_vae_weights else ())
+        if mode.needs_memory_run:
+            needs += ("train-memory",)
+            if mode.uses_memory_weights:
+                keyed += ("train-memory",)
+            else:
+                reads += MEMORY_ARCHITECTURE
         for seed in cfg.pipeline.seeds:
             out.append(Variant(f"{name}__seed{seed}", agent_config(cfg, name, seed), needs,
                                keyed, reads))
@@ -630,11 +658,12 @@ def arms(cfg: Config) -> list[Variant]:
 
 
 #: ``train-agent`` reads ``seed``, ``env`` and ``agent``; the VAE run (for the modes that
-#: have an encoder) is an input whose key the pipeline adds (see ``agents.modes``).
+#: have an encoder) and the memory run (modes with M) are inputs whose keys the pipeline adds
+#: (see ``agents.modes``).
 STAGE = StageSpec(
     "train-agent", "agent",
     reads=("seed", "env", "agent"),
-    needs=("train-vae",),
+    needs=("train-vae", "train-memory"),
     run=_run_stage,
     folder="agents",
     parallel=True,

@@ -5,7 +5,9 @@ Observation pipelines, by the mode's :attr:`~agents.modes.ObsModeSpec.wrapper`
 
 * ``frames`` (``pixel``, ``latent-finetune``): ``VecFrameStack(history)``, ``VecTransposeImage``
   -> a ``CnnPolicy`` (with a ``VAEFeaturesExtractor`` for ``latent-finetune``);
-* ``latents`` (``latent``, ``random-encoder``): ``VecLatentObservation(history)`` -> ``MlpPolicy``.
+* ``latents`` (``latent``, ``random-encoder``): ``VecLatentObservation(history)`` -> ``MlpPolicy``;
+* ``latents-memory`` (``latent-memory``, ``latent-memory-untrained``): ``VecLatentObservation``,
+  ``VecMemoryObservation(history)`` (``[z_t, h_t]``, :mod:`agents.memory_obs`) -> ``MlpPolicy``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from agents.modes import WrapperKind, get_mode
 
 if TYPE_CHECKING:
     from worldmodel.config import Config
+    from worldmodel.memory import LoadedMemory
     from worldmodel.vae import LoadedVAE
 
 #: The reward-normalisation statistics of an agent run (:func:`save_normalization`), and the
@@ -41,29 +44,47 @@ NORMALIZE_FORMAT = "vecnormalize/1"
 EVAL_SEED_OFFSET = 1000
 
 
-def wrap_frames(venv: VecEnv, cfg: Config, encoder: LoadedVAE | None) -> VecEnv:
+def wrap_frames(
+    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None
+) -> VecEnv:
     """Frames for a CNN: the last ``agent.history`` frames stacked, channels first."""
     if cfg.agent.history > 1:
         venv = VecFrameStack(venv, cfg.agent.history, channels_order="last")
     return VecTransposeImage(venv)
 
 
-def wrap_latents(venv: VecEnv, cfg: Config, encoder: LoadedVAE | None) -> VecEnv:
+def wrap_latents(
+    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None
+) -> VecEnv:
     """The frozen encoder's latents of the last ``agent.history`` frames."""
     assert encoder is not None
     return VecLatentObservation(venv, encoder, history=cfg.agent.history, latent=cfg.agent.latent)
 
 
+def wrap_latents_memory(
+    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None
+) -> VecEnv:
+    """``[z_t, h_t]``: each frame's latent and M's LSTM state, the last ``agent.history``."""
+    from agents.memory_obs import VecMemoryObservation
+
+    assert encoder is not None and memory is not None
+    latents = VecLatentObservation(venv, encoder, history=1, latent=cfg.agent.latent)
+    return VecMemoryObservation(latents, memory, history=cfg.agent.history)
+
+
 #: How each :data:`~agents.modes.WrapperKind` turns raw frames into observations.
-WRAPPERS: dict[WrapperKind, Callable[[VecEnv, Config, LoadedVAE | None], VecEnv]] = {
+WRAPPERS: dict[WrapperKind, Callable[..., VecEnv]] = {
     "frames": wrap_frames,
     "latents": wrap_latents,
+    "latents-memory": wrap_latents_memory,
 }
 
 
-def wrap_observations(venv: VecEnv, cfg: Config, encoder: LoadedVAE | None) -> VecEnv:
+def wrap_observations(
+    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None
+) -> VecEnv:
     """Raw frames -> what the policy observes, for ``cfg.agent.obs_mode``."""
-    return WRAPPERS[get_mode(cfg.agent.obs_mode).wrapper](venv, cfg, encoder)
+    return WRAPPERS[get_mode(cfg.agent.obs_mode).wrapper](venv, cfg, encoder, memory)
 
 
 class VecFrameRecorder(VecEnvWrapper):
@@ -108,6 +129,7 @@ def make_agent_env(
     gamma: float = 0.99,
     normalize_from: Path | None = None,
     recorder: bool = False,
+    memory: LoadedMemory | None = None,
 ) -> VecEnv:
     """Build the VecEnv an agent trains or is evaluated on.
 
@@ -120,13 +142,14 @@ def make_agent_env(
     :param normalize_from: reward statistics to restore (``vecnormalize.json``, see
         :func:`load_normalization`); a missing file leaves fresh ones.
     :param recorder: insert a :class:`VecFrameRecorder` above the raw frames.
+    :param memory: M, for the memory modes (:func:`agents.memory_obs.load_agent_memory`).
     """
     from envs import make_vec_env
 
     venv = make_vec_env(cfg.env, n_envs=n_envs, seed=seed)
     if recorder:
         venv = VecFrameRecorder(venv)
-    venv = wrap_observations(venv, cfg, encoder)
+    venv = wrap_observations(venv, cfg, encoder, memory)
     if cfg.agent.normalize_reward:
         venv = VecNormalize(
             venv, training=training, norm_obs=False, norm_reward=training, gamma=gamma

@@ -21,14 +21,19 @@ from worldmodel.errors import ConfigError, UserError
 
 
 def test_table_rows() -> None:
-    assert MODE_NAMES == ("pixel", "latent", "latent-finetune", "random-encoder")
-    pixel, latent, finetune, random = MODES
+    assert MODE_NAMES == ("pixel", "latent", "latent-finetune", "random-encoder",
+                          "latent-memory", "latent-memory-untrained")
+    pixel, latent, finetune, random, memory, control = MODES
     assert (pixel.encoder_kind, latent.encoder_kind, finetune.encoder_kind,
             random.encoder_kind) == (None, "vae", "vae", "random")
-    assert [m.name for m in MODES if m.uses_vae_weights] == ["latent", "latent-finetune"]
-    assert [m.name for m in MODES if m.frozen_encoder] == ["latent", "random-encoder"]
+    assert [m.name for m in MODES if m.uses_vae_weights] == [
+        "latent", "latent-finetune", "latent-memory", "latent-memory-untrained"]
+    assert [m.name for m in MODES if m.frozen_encoder] == [
+        "latent", "random-encoder", "latent-memory", "latent-memory-untrained"]
+    assert [m.memory_kind for m in MODES] == [None] * 4 + ["memory", "random"]
+    assert memory.wrapper == control.wrapper == "latents-memory"
     assert [m.default_policy for m in MODES] == ["CnnPolicy", "MlpPolicy", "CnnPolicy",
-                                                 "MlpPolicy"]
+                                                 "MlpPolicy", "MlpPolicy", "MlpPolicy"]
     assert all(m.wrapper in WRAPPERS for m in MODES)
     assert all(m.policy_input == ("latents" if m.frozen_encoder else "frames") for m in MODES)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -40,6 +45,10 @@ def test_rows_that_contradict_themselves_are_rejected() -> None:
         dataclasses.replace(MODES[0], name="bad", uses_vae_weights=True)
     with pytest.raises(ValueError, match="encoder_in_policy needs needs_vae_run"):
         dataclasses.replace(MODES[0], name="bad", encoder_in_policy=True)
+    with pytest.raises(ValueError, match="uses_memory_weights needs needs_memory_run"):
+        dataclasses.replace(MODES[1], name="bad", uses_memory_weights=True)
+    with pytest.raises(ValueError, match="needs_memory_run needs a frozen encoder"):
+        dataclasses.replace(MODES[2], name="bad", needs_memory_run=True)
 
 
 def test_get_mode() -> None:
@@ -49,7 +58,8 @@ def test_get_mode() -> None:
         get_mode("telepathy")
     assert isinstance(e.value, UserError)
     assert str(e.value) == ("agent.obs_mode: unknown observation mode 'telepathy'; expected one "
-                            "of pixel, latent, latent-finetune, random-encoder")
+                            "of pixel, latent, latent-finetune, random-encoder, latent-memory, "
+                            "latent-memory-untrained")
 
 
 def test_report_rank_follows_the_table() -> None:

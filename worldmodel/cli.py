@@ -114,8 +114,10 @@ def _cmd_train_agent(args: argparse.Namespace) -> int:
     _resume_out(args, "agent")
     cfg = _config(args, builds_env=True)
     vae = Path(args.vae) if args.vae else None
+    memory = Path(args.memory) if args.memory else None
     out = _stage("agents.train", 6).run(
-        cfg, _out(args, cfg, f"agent-{cfg.agent.obs_mode}"), vae=vae, resume=args.resume
+        cfg, _out(args, cfg, f"agent-{cfg.agent.obs_mode}"), vae=vae, memory=memory,
+        resume=args.resume,
     )
     return _done(out, "agent run")
 
@@ -219,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-agent", help="Train an SB3 agent on pixels or latents.")
     _add_config_args(p, "Run folder.")
     p.add_argument("--vae", metavar="VAE_RUN", help="VAE run folder (latent modes).")
+    p.add_argument("--memory", metavar="MEMORY_RUN",
+                   help="Memory run folder (latent-memory modes; trained on --vae).")
     p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
     p.set_defaults(func=_cmd_train_agent)
 

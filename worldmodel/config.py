@@ -285,7 +285,9 @@ class AgentConfig(Section):
         "latent",
         description="pixel: CnnPolicy on frames; latent: MlpPolicy on a frozen VAE's latents; "
         "latent-finetune: the VAE encoder inside the policy, trained; random-encoder: an "
-        "untrained frozen encoder (control).",
+        "untrained frozen encoder (control); latent-memory: MlpPolicy on [z, h]: a frozen "
+        "VAE's latents and M's LSTM state; latent-memory-untrained: [z, h] with an untrained M "
+        "(control).",
     )
     timesteps: int = Field(
         100_000, ge=1,

@@ -80,6 +80,9 @@ class StageSpec:
     :param per_run: one run per run of the first stage in ``needs``, in that run's folder (what
         ``evaluate`` does to each agent run).
     :param switch: a boolean config key that turns the stage on in the pipeline.
+    :param on_demand: the pipeline runs it only when a run of another stage reads it (a
+        :class:`Variant`'s ``needs``, or ``needs`` of a stage without variants): ``train-memory``
+        runs only when an agent arm observes M.
     """
 
     name: str
@@ -93,6 +96,7 @@ class StageSpec:
     variants: Callable[[Config], list[Variant]] | None = None
     per_run: bool = False
     switch: str | None = None
+    on_demand: bool = False
 
     def keys(self) -> list[str]:
         """Every leaf config key the stage reads, in :func:`config_effects` order."""

@@ -713,7 +713,7 @@ def _run_stage(cfg: Config, out: Path, inputs: Mapping[str, Any], resume: bool |
 
 
 #: ``train-memory`` reads ``memory`` (but the dream's temperature) and ``data``; it needs a
-#: dataset and a VAE run.
+#: dataset and a VAE run. The pipeline runs it only when an agent arm reads M (``on_demand``).
 STAGE = StageSpec(
     "train-memory", "memory",
     reads=("seed", "memory", "data"),
@@ -721,4 +721,5 @@ STAGE = StageSpec(
     needs=("collect", "train-vae"),
     run=_run_stage,
     folder="memory",
+    on_demand=True,
 )
