@@ -297,3 +297,12 @@ def test_cli_train_agent_takes_memory(
                      str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--memory MEMORY_RUN" in err[0]
+
+
+def test_resume_rebuilds_m_from_memory_json(vae: Path, memory: Path, tmp_path: Path) -> None:
+    out = _train_agent(tmp_path, "r", "latent-memory-untrained", vae, memory, "agent.timesteps=32")
+    before = read_json(out / MEMORY_RECORD)
+    train.run(_cfg("agent.obs_mode=latent-memory-untrained", "agent.timesteps=64"), out,
+              resume=True)
+    assert read_json(out / "summary.json")["timesteps"] == 64
+    assert read_json(out / MEMORY_RECORD) == before
