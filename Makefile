@@ -45,7 +45,7 @@ test-fast: lint
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev
-	@for m in envs collect vae agents; do echo "== bench/$$m.py"; $(BIN)/python -m bench.$$m || exit 1; done
+	@for m in envs collect vae memory agents; do echo "== bench/$$m.py"; $(BIN)/python -m bench.$$m || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
