@@ -244,6 +244,10 @@ def _run_settings(run: AgentRun) -> dict[str, Any]:
                                "runtime").items()}
     if run.vae and run.vae.get("kind") == "vae" and run.vae.get("weights_hash"):
         settings["vae"] = str(run.vae["weights_hash"])[:12]
+    memory_file = run.path / "memory.json"  # agents on a trained M: never pooled across Ms
+    memory = _read_json_file(memory_file) if memory_file.is_file() else None
+    if memory and memory.get("kind") == "memory" and memory.get("weights_hash"):
+        settings["memory"] = str(memory["weights_hash"])[:12]
     return settings
 
 
@@ -251,7 +255,8 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
     """Group runs by ``agent.obs_mode`` plus every other differing setting (not the seed).
 
     Settings are the run's config and, for agents on a trained VAE, that VAE's weights (``vae``:
-    the start of their hash), so agents on different VAEs are never pooled.
+    the start of their hash), so agents on different VAEs are never pooled; likewise for agents
+    on a trained memory model M (``memory``, from ``memory.json``).
 
     :raises UserError: when the runs are not from the same env and preprocessing, or were scored
         differently (greedy vs sampled actions).
@@ -269,7 +274,7 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
             f"{', '.join(greedy)}): re-run `worldmodel evaluate` on them with the same flag"
         )
     flat = [_run_settings(r) for r in runs]
-    defining = [*defining_keys(TRAIN_STAGE), "vae"]
+    defining = [*defining_keys(TRAIN_STAGE), "vae", "memory"]
     differing = [
         k for k in defining
         if len({f[k] for f in flat if k in f}) > 1 and k != "agent.obs_mode"

@@ -306,3 +306,19 @@ def test_resume_rebuilds_m_from_memory_json(vae: Path, memory: Path, tmp_path: P
               resume=True)
     assert read_json(out / "summary.json")["timesteps"] == 64
     assert read_json(out / MEMORY_RECORD) == before
+
+
+def test_compare_never_pools_agents_on_different_trained_ms(tmp_path: Path) -> None:
+    from agents import compare
+
+    cfg = _cfg("agent.obs_mode=latent-memory")
+    runs = []
+    for i, weights in enumerate(("aaaa", "bbbb", "bbbb")):
+        path = tmp_path / f"run{i}"
+        path.mkdir()
+        atomic_write_json(path / MEMORY_RECORD, {"kind": "memory", "weights_hash": weights})
+        seeded = cfg.model_copy(update={"seed": i})
+        runs.append(compare.AgentRun(path, seeded, np.zeros(2), np.zeros(1), np.zeros(1),
+                                     np.zeros(1), 1.0, None, True))
+    groups = compare.group_runs(runs)
+    assert sorted(len(g.runs) for g in groups) == [1, 2]
