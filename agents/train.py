@@ -16,7 +16,9 @@ Top to bottom, :func:`run`:
 5. evaluates once more at the end, writes ``summary.json`` and TensorBoard hparams
    (:func:`write_hparams`: the arm's settings and seed, ``hparam/final_mean_return``).
 
-Run folder: ``config.yaml``, ``vae.json`` (latent modes), ``evaluations.jsonl`` (one record per
+Run folder: ``config.yaml``, ``vae.json`` (latent modes), ``memory.json`` (and
+``random_memory.pt`` for the untrained control: the memory modes, :mod:`agents.memory_obs`),
+``evaluations.jsonl`` (one record per
 evaluation: ``timesteps``, ``wall_seconds``, ``elapsed_seconds``, ``returns``, ``lengths``,
 ``mean_return``, ``std_return``), ``best_model.zip``, ``last.zip`` (+ ``replay_buffer.npz`` for
 off-policy algorithms when small enough, ``vecnormalize.json`` with reward normalisation; no
