@@ -17,6 +17,7 @@ from worldmodel.dream import (
     DreamEnv,
     DreamVecEnv,
     action_space_from,
+    dream_returns,
     dream_starts,
     episode_cap,
     make_dream_env,
@@ -103,6 +104,8 @@ def test_make_dream_env_shapes_dtypes_and_starts(memory_run: Path, reach16: Path
     assert all(any(np.array_equal(m, cache["mu"][f]) for f in firsts) for m in mu)
     # a dataset passed explicitly gives the same starts
     assert np.array_equal(dream_starts(memory_run, data=reach16)[0], mu)
+    with pytest.raises(UserError, match="is not there"):
+        dream_starts(memory_run, data=reach16.parent / "gone")
 
 
 def _reader(data: Path):  # type: ignore[no-untyped-def]
@@ -271,3 +274,25 @@ def test_episode_cap_from_the_manifest() -> None:
     assert episode_cap({"env_id": "NoSuchEnv-v0"}) is None
     with pytest.raises(UserError, match="no action space"):
         action_space_from({"type": "Dict", "repr": "Dict()"})
+
+
+def test_dream_returns_sweeps_the_temperature() -> None:
+    mem = _box_memory(done_bias=-50.0)
+    with torch.no_grad():  # a reward of 1 per step: every return is the cap
+        mem.model.reward.weight.zero_()
+        mem.model.reward.bias.fill_(1.0)
+    env = DreamVecEnv(mem, *_starts(), n_envs=3, tau=0.7, max_episode_steps=6, seed=0)
+    calls: list[float] = []
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        calls.append(env.tau)
+        return np.zeros((len(obs), 3), np.float32)
+
+    out = dream_returns(policy, env, taus=[0.5, 1.15], episodes=5)
+    assert list(out) == [0.5, 1.15]
+    for returns in out.values():
+        assert returns.shape == (5,)
+        np.testing.assert_allclose(returns, 6.0, rtol=1e-5)
+    assert set(calls) == {0.5, 1.15} and env.tau == 0.7  # restored
+    with pytest.raises(UserError, match="max_episode_steps"):
+        dream_returns(policy, DreamVecEnv(mem, *_starts()), taus=[1.0])

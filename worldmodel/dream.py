@@ -28,7 +28,8 @@ per step (``torch.no_grad``, on the memory's device):
   ``z`` noise and every sample, so a seed gives the same dreams for the same actions.
 
 :class:`DreamEnv` is the single-env Gymnasium view (``N = 1``); :func:`make_dream_env` builds
-either from a ``train-memory`` run folder (its dataset, VAE and latent cache).
+either from a ``train-memory`` run folder (its dataset, VAE and latent cache);
+:func:`dream_returns` measures a policy's returns in the dream at several temperatures.
 
 Example (an untrained M, two start frames of 4 latents):
     >>> from worldmodel.config import resolve_config
@@ -51,7 +52,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -68,7 +69,15 @@ from worldmodel.memory import LoadedMemory
 if TYPE_CHECKING:
     from worldmodel.dataset import DatasetReader
 
-__all__ = ["DreamEnv", "DreamVecEnv", "action_space_from", "dream_starts", "make_dream_env"]
+__all__ = [
+    "DreamEnv",
+    "DreamVecEnv",
+    "action_space_from",
+    "dream_returns",
+    "dream_starts",
+    "episode_cap",
+    "make_dream_env",
+]
 
 log = logging.getLogger("worldmodel")
 
@@ -206,6 +215,12 @@ class DreamVecEnv(VecEnv):
             return np.clip(a, self._low, self._high)
         return self.memory.actions(a.reshape(self.num_envs, *np.shape(a)[1:]))
 
+    def step(self, actions: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """Step every dream: observations ``(N, Z + H)``, rewards, dones ``(N,)``, infos."""
+        self.step_async(actions)
+        return self.step_wait()
+
     def step_async(self, actions: np.ndarray) -> None:
         """Remember the actions of the next :meth:`step_wait`."""
         self._actions = np.asarray(actions)
@@ -320,8 +335,7 @@ class DreamEnv(gym.Env[np.ndarray, Any]):
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """One step of M: observation, reward, terminated, truncated, info."""
-        self.vec.step_async(np.asarray(action)[None])
-        obs, rewards, dones, infos = self.vec.step_wait()
+        obs, rewards, dones, infos = self.vec.step(np.asarray(action)[None])
         info = infos[0]
         if dones[0]:
             info["episode"].pop("t")  # wall time: the same seed and actions give the same info
@@ -334,6 +348,51 @@ class DreamEnv(gym.Env[np.ndarray, Any]):
     def tau(self) -> float:
         """The dream's temperature."""
         return self.vec.tau
+
+
+def dream_returns(policy_fn: Callable[[np.ndarray], Any], env: DreamVecEnv,
+                  taus: Sequence[float], episodes: int = 16,
+                  seed: int = 0) -> dict[float, np.ndarray]:
+    """The returns of a policy in the dream at each temperature (World Models' tau sweep).
+
+    Each temperature replays the same seeded dream (``env.seed(seed)``) for ``episodes``
+    episodes, ``(episodes + i) // N`` of them in env ``i`` (as SB3's ``evaluate_policy``
+    spreads them, so that short episodes are not over-counted); ``env.tau`` is restored.
+
+    :param policy_fn: observations ``(N, Z + H)`` -> actions ``(N, ...)``, e.g.
+        ``lambda obs: model.predict(obs, deterministic=True)[0]``.
+    :param env: the dream; it needs a cap (``max_episode_steps``) so that every episode ends.
+    :param taus: the temperatures.
+    :param episodes: episodes per temperature.
+    :param seed: the dream's seed, the same for every temperature.
+    :return: ``{tau: returns}``, each ``(episodes,)`` float64 in the order of the envs.
+    """
+    if env.max_episode_steps is None:
+        raise UserError("dream_returns needs a dream with max_episode_steps: without a cap an "
+                        "episode the done head never ends would never finish")
+    if episodes < 1:
+        raise UserError(f"episodes must be >= 1, got {episodes}")
+    n = env.num_envs
+    targets = np.array([(episodes + i) // n for i in range(n)])
+    kept_tau = env.tau
+    out: dict[float, np.ndarray] = {}
+    try:
+        for tau in taus:
+            env.set_attr("tau", float(tau))
+            env.seed(seed)
+            obs = env.reset()
+            returns: list[list[float]] = [[] for _ in range(n)]
+            counts = np.zeros(n, np.int64)
+            while (counts < targets).any():
+                obs, _, dones, infos = env.step(np.asarray(policy_fn(obs)))
+                for i in np.flatnonzero(dones):
+                    if counts[i] < targets[i]:
+                        returns[i].append(float(infos[i]["episode"]["r"]))
+                        counts[i] += 1
+            out[float(tau)] = np.array([r for per_env in returns for r in per_env], np.float64)
+    finally:
+        env.tau = kept_tau
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +451,9 @@ def dream_starts(memory_run: Path, data: Path | None = None, vae: Path | None = 
     if data is None:
         raise UserError(f"{run} records no dataset (no summary.json): pass the dataset it was "
                         "trained on (data=...)")
+    if "://" not in str(data) and not data.exists():
+        raise UserError(f"dataset {str(data)!r} of {run} is not there (a path relative to "
+                        "another directory?): pass the dataset it was trained on (data=...)")
     reader = open_dataset(data)
     weights_hash = str(load_checkpoint(run / f"{checkpoint}.pt").get("vae_hash", ""))
     key = dataset_key(reader)
