@@ -37,7 +37,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -295,7 +295,7 @@ def _run_parallel(cfg: Config, root: Path, runs: list[PlannedRun]) -> None:
                                        logging.getLogger("worldmodel").getEffectiveLevel()),
                              ) as pool:
         futures = [pool.submit(_execute_in_worker, str(root), r) for r in pending]
-        for future in futures:
+        for future in as_completed(futures):
             log.info("[pipeline] finished: %s", future.result())
 
 
