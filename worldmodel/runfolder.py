@@ -40,6 +40,7 @@ from worldmodel.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from worldmodel.config import Config
+    from worldmodel.stages import StageSpec
 
 log = logging.getLogger("worldmodel")
 
@@ -297,6 +298,29 @@ class RunFolder:
             "sessions": int(old.get("sessions", 0)) + (status == "running"),
         }
         atomic_write_json(self.path / RUN_FILE, self._record)
+
+    def refuse_changed_settings(self, cfg: Config, spec: StageSpec) -> None:
+        """On a resume: refuse ``output`` settings ``spec`` reads that differ from the run's.
+
+        Budgets may grow and runtime settings may change
+        (:func:`worldmodel.stages.resume_mismatches`).
+
+        :raise UserError: one line naming each changed key, its old and its new value.
+        """
+        from worldmodel.config import load_run_config
+        from worldmodel.stages import config_effects, resume_mismatches
+
+        if not self.resume:
+            return
+        changed = resume_mismatches(load_run_config(self.path), cfg, spec)
+        if changed:
+            effects = config_effects()
+            budgets = ", ".join(k for k in spec.keys() if effects[k] == "budget") or "none"
+            raise UserError(
+                f"cannot resume {self.path}: these settings differ from its config.yaml: "
+                f"{'; '.join(changed)}; only budgets ({budgets}) and runtime settings may "
+                f"change: restore them (--config {self.path}/config.yaml) or pick another --out"
+            )
 
     def save_config(self, cfg: Config) -> None:
         """Write the resolved config as ``config.yaml``."""

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worldmodel.config import Config, load_run_config
+from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write
 from worldmodel.memory import (
@@ -77,7 +77,7 @@ from worldmodel.memory import (
     mixture_mean,
 )
 from worldmodel.runfolder import RunFolder, check_kind, require_kind
-from worldmodel.stages import StageSpec, resume_mismatches
+from worldmodel.stages import StageSpec
 from worldmodel.training import (
     Prefetch,
     RunLog,
@@ -554,14 +554,8 @@ def open_run(out: Path, cfg: Config, resume: bool | None, vae_hash: str,
                             stale=STALE_FILES)
     try:
         checkpoint = None
+        folder.refuse_changed_settings(cfg, STAGE)
         if folder.resume:
-            differ = resume_mismatches(load_run_config(out), cfg, STAGE)
-            if differ:
-                raise UserError(
-                    f"cannot resume {out} with other settings ({'; '.join(differ)}); only "
-                    "budgets (memory.steps/epochs) and runtime settings may change: restore "
-                    "them or pick another --out"
-                )
             checkpoint = load_checkpoint(out / "last.pt")
             if checkpoint.get("vae_hash") != vae_hash:
                 raise UserError(f"cannot resume {out}: it was trained on the latents of other "

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from envs.config import frame_keys
-from worldmodel.config import Config, load_run_config
+from worldmodel.config import Config
 from worldmodel.errors import UserError
 from worldmodel.metrics import ACTIVE_KL_NATS
 from worldmodel.runfolder import RunFolder, check_kind
-from worldmodel.stages import StageSpec, resume_mismatches
+from worldmodel.stages import StageSpec
 from worldmodel.training import (
     Prefetch,
     RunLog,
@@ -194,14 +194,8 @@ def open_run(
                             stale=STALE_FILES)
     try:
         checkpoint = None
+        folder.refuse_changed_settings(cfg, STAGE)
         if folder.resume:
-            differ = resume_mismatches(load_run_config(out), cfg, STAGE)
-            if differ:
-                raise UserError(
-                    f"cannot resume {out} with other settings ({'; '.join(differ)}); only "
-                    "budgets (vae.steps/epochs) and runtime settings may change: restore them "
-                    "or pick another --out"
-                )
             checkpoint = load_checkpoint(out / "last.pt")
             _check_val_episodes(out, checkpoint, val_episodes)
             log.info("resuming %s from step %d", out, checkpoint["step"])
