@@ -301,3 +301,106 @@ def test_loaded_vae_wrapper_works_without_run_folder(tiny_config: Callable[..., 
                                atol=1e-6)
     with pytest.raises(UserError, match="expects"):
         latents.posterior(vae, np.zeros((3, 8, 8, 3), np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# The dream (--memory)
+
+MEMORY_TINY = [
+    "env.image_size=16", "vae.widths=[8, 16]", "vae.latent_dim=4",
+    "memory.hidden_size=16", "memory.mixtures=2", "memory.batch_size=2", "memory.seq_len=8",
+    "memory.steps=12", "memory.val_every=4", "memory.log_every=2", "memory.lr=3e-3",
+    "data.val_fraction=0.25", "memory.device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def dreamed(setup: dict[str, Path]) -> dict[str, Path]:
+    """A tiny M trained on a copy of the session's VAE (as tests/test_memory.py does), and
+    ``visualize --memory`` run through the CLI."""
+    import shutil
+
+    from worldmodel import train_memory
+    from worldmodel.cli import main
+    from worldmodel.config import resolve_config
+
+    root = setup["root"] / "dream"
+    vae = Path(shutil.copytree(setup["vae"], root / "vae"))
+    memory = train_memory.run(resolve_config(None, MEMORY_TINY), setup["data"], vae,
+                              root / "memory")
+    out = root / "out"
+    assert main(["-q", "visualize", str(vae), "-d", str(setup["data"]), "--out", str(out),
+                 "--memory", str(memory)]) == 0
+    return {**setup, "vae": vae, "memory": memory, "out": out}
+
+
+def test_dream_files_video_and_error_curve(dreamed: dict[str, Path]) -> None:
+    out = dreamed["out"]
+    report = json.loads((out / "visualize.json").read_text())
+    video_name = report["dream"]["video"]
+    for name in ("dream_strip.png", "dream_error.png", video_name):
+        assert (out / name).is_file() and (out / name).stat().st_size > 100, name
+        assert name in report["files"]
+    assert video_name in ("dream.mp4", "dream.gif")
+    dream = report["dream"]
+    assert dream["memory_run"] == str(dreamed["memory"])
+    assert "mixture mean" in dream["prediction"]
+    video = iio.imread(out / video_name, index=None)
+    scale = 256 // SIZE
+    side = SIZE * scale
+    # real | dream: two frames side by side, twice the frame width (plus the gap)
+    assert video.shape[0] == dream["episode"]["frames"] > 1
+    assert video.shape[1:] == (side, math.ceil((2 * side + 8) / 16) * 16, 3)
+    episode = open_dataset(dreamed["data"]).episode(dream["episode"]["index"])
+    left = video[:, :side:scale, :side:scale].astype(np.float32)
+    assert np.abs(left - episode.obs[: len(left)]).mean() < 12  # the real frames on the left
+    err = dream["error"]
+    assert err["k"] == list(range(1, len(err["k"]) + 1)) and len(err["k"]) >= 5
+    assert len(err["memory"]) == len(err["copy_last_z"]) == len(err["count"]) == len(err["k"])
+    assert err["count"][0] > 0 and err["episodes"] >= 1
+    assert all(v is None or (math.isfinite(v) and v >= 0)
+               for v in [*err["memory"], *err["copy_last_z"]])
+    assert err["copy_last_z"][0] is not None and err["memory"][0] is not None
+    _not_blank(iio.imread(out / "dream_strip.png"))
+    _not_blank(iio.imread(out / "dream_error.png"))
+    page = (out / "visualize.html").read_text()
+    assert "<h2>Dream</h2>" in page and "copy-last-z" in page
+
+
+def test_no_dream_section_without_memory(result: dict[str, Path]) -> None:
+    report = json.loads((result["out"] / "visualize.json").read_text())
+    assert "dream" not in report and not (result["out"] / "dream_strip.png").exists()
+    assert "<h2>Dream</h2>" not in (result["out"] / "visualize.html").read_text()
+
+
+def test_dream_open_loop_starts_from_the_encoded_first_frame(dreamed: dict[str, Path]) -> None:
+    from worldmodel.dreamviz import check_memory, held_out_episodes, open_loop
+
+    vae = load_vae(dreamed["vae"])
+    reader = open_dataset(dreamed["data"])
+    memory = check_memory(dreamed["memory"], vae, dreamed["vae"])
+    held = held_out_episodes(memory, reader)
+    roll = open_loop(vae, memory, reader, held[0], max_steps=10)
+    assert roll.real.shape == roll.dream.shape and len(roll.real) <= 10
+    np.testing.assert_allclose(roll.z_dream[0], roll.z_real[0])
+    np.testing.assert_allclose(roll.z_real, vae.encode(roll.real), atol=1e-5)
+    assert not np.allclose(roll.z_dream[1:], roll.z_real[1:])  # open loop, not the real z
+
+
+def test_dream_refuses_other_vae_and_non_memory_runs(dreamed: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    import shutil
+
+    from worldmodel.vae import load_checkpoint, save_checkpoint
+
+    other = Path(shutil.copytree(dreamed["memory"], tmp_path / "other-memory"))
+    for name in ("best.pt", "last.pt"):
+        if (other / name).is_file():
+            state = load_checkpoint(other / name)
+            save_checkpoint(other / name, {**state, "vae_hash": "0" * 64})
+    cases = [(other, "trained on other VAE weights"), (dreamed["vae"], "--memory")]
+    for memory, match in cases:
+        with pytest.raises(UserError, match=match) as info:
+            visualize.run(dreamed["vae"], dreamed["data"], tmp_path / "out", memory=memory)
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()

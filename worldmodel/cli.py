@@ -140,8 +140,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     vae_run = Path(args.vae_run)
     out = Path(args.out) if args.out else vae_run / "visualize"
+    memory = Path(args.memory) if args.memory else None
     result = _stage("worldmodel.visualize", 8).run(vae_run, _dataset(args.data), out,
-                                                   method=args.method)
+                                                   method=args.method, memory=memory)
     return _done(result, "visualizations")
 
 
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", metavar="DIR", help="Output folder (default VAE_RUN/visualize).")
     p.add_argument("--method", choices=["pca", "tsne", "umap"], default="pca",
                    help="2-D projection of the latents (umap needs umap-learn).")
+    p.add_argument("--memory", metavar="MEMORY_RUN",
+                   help="A train-memory run on this VAE: adds the dream (real vs M open loop "
+                        "video, strip, k-step latent error).")
     p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("explore", help="Interactive latent-space explorer in the browser.")

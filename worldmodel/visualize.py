@@ -30,6 +30,18 @@ episodes drawn in a seeded order, at most ``max_frames`` frames), encodes them, 
 ``visualize.html``
     one page with all of the above (images embedded as data URIs) and the VAE run's metrics.
 
+With a memory run (``memory=MEMORY_RUN``, ``--memory``), trained on this VAE's weights, the
+"Dream" section adds (:mod:`worldmodel.dreamviz` computes them; M feeds back its mixture mean):
+
+``dream.mp4`` (``dream.gif`` when ffmpeg is missing)
+    one held-out episode, real (left) | dream (right): M runs open loop from the encoded first
+    frame with the recorded actions, each predicted ``z`` decoded by the VAE.
+``dream_strip.png``
+    every ``k``-th step of that episode, real over dream.
+``dream_error.png``
+    the ``k``-step open-loop latent MSE of M against copy-last-z on held-out episodes (the
+    numbers are in ``visualize.json`` under ``dream.error``).
+
 The latent computations (sampling, posteriors, traversals, projections) are in
 :mod:`worldmodel.latents`, shared with ``worldmodel explore``; PNG and video encoding in
 :mod:`worldmodel.media`. This module draws the pictures and writes the page.
@@ -570,7 +582,7 @@ def verdict(summary: Any, rep: dict[str, Any] | None, stats: Mapping[str, Any],
 
 
 def _page(report: dict[str, Any], files: dict[str, bytes], video: Path, summary: Any,
-          out: Path) -> str:
+          out: Path, dream_video: Path | None = None) -> str:
     """The HTML of ``visualize.html``: verdict, warnings, pictures, numbers, raw summary."""
     rep, stats = report["representation"], report["sample"]
     vae_run, data = html.escape(report["vae_run"]), html.escape(report["data"])
@@ -597,6 +609,8 @@ def _page(report: dict[str, Any], files: dict[str, bytes], video: Path, summary:
                  "Frame A, the decodings of (1 - a) mu_A + a mu_B, frame B."),
         _section("2-D projection", _img(files["projection.png"], "projection"),
                  html.escape(report["projection"])),
+        *([_dream_section(report["dream"], files, dream_video)]
+          if dream_video is not None and "dream" in report else []),
         _section("Representation metrics",
                  _representation_html(rep, report["representation_source"] or "")),
         _section(f"On the sample ({stats['frames']} frames)", _table(stats),
@@ -620,6 +634,71 @@ def _page(report: dict[str, Any], files: dict[str, bytes], video: Path, summary:
                                content="\n".join(parts))
 
 
+def _dream_section(dream: dict[str, Any], files: dict[str, bytes], video: Path) -> str:
+    err = dream["error"]
+    rows = "".join(
+        f"<tr><td>{k}</td><td>{_fmt(m)}</td><td>{_fmt(c)}</td><td>{n}</td></tr>"
+        for k, m, c, n in zip(err["k"], err["memory"], err["copy_last_z"], err["count"],
+                              strict=True))
+    table = ("<table><tr><th>k</th><th>M open loop</th><th>copy-last-z</th><th>starts</th>"
+             f"</tr>{rows}</table>")
+    body = (f"{_video_html(video)}{_img(files['dream_strip.png'], 'dream strip')}"
+            f"{_img(files['dream_error.png'], 'dream error')}"
+            "<details><summary>k-step open-loop latent MSE</summary>"
+            f"{table}</details>")
+    note = (f"Memory run {html.escape(dream['memory_run'])}. Episode {dream['episode']['index']}"
+            " (held out from M's training): real (left) | dream (right). M starts from the "
+            "encoded first frame and runs open loop with the recorded actions, feeding back "
+            f"its own prediction ({html.escape(dream['prediction'])}); each z is decoded by "
+            f"the VAE. The strip shows every {dream['strip_every']}th step, real over dream. "
+            f"The curve: MSE per latent dimension of M's k-step open-loop z against the "
+            f"encoded real z, from starts every {err['stride']} steps of "
+            f"{err['episodes']} held-out episode(s), beside copy-last-z.")
+    return _section("Dream", body, note)
+
+
+def _dream_error_png(err: dict[str, Any]) -> bytes:
+    fig = _figure(480, 300)
+    ax = fig.add_subplot()
+    for key, label in (("memory", "M open loop (mixture mean)"),
+                       ("copy_last_z", "copy-last-z")):
+        ks = [k for k, v in zip(err["k"], err[key], strict=True) if v is not None]
+        vs = [v for v in err[key] if v is not None]
+        ax.plot(ks, vs, marker="o", markersize=3, label=label)
+    ax.set_xlabel("k (steps open loop)")
+    ax.set_ylabel("latent MSE per dimension")
+    ax.set_title("k-step open-loop latent error (held-out episodes)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def _dream(vae: LoadedVAE, memory: Any, memory_run: Path, reader: DatasetReader, out: Path,
+           scale: int, fps: int) -> tuple[dict[str, Any], dict[str, bytes], Path]:
+    """The dream's numbers, its pictures and its video (see the module docstring)."""
+    from worldmodel.dreamviz import PREDICTION, error_curve, held_out_episodes, open_loop
+
+    held = held_out_episodes(memory, reader)
+    roll = open_loop(vae, memory, reader, held[0])
+    video = write_video(out / "dream", side_by_side(
+        roll.real, roll.dream, max(1, 256 // vae.image_shape[0])), fps)
+    n = len(roll.real)
+    every = max(1, math.ceil(n / 12))
+    ts = list(range(0, n, every))
+    strip = labeled_grid_png(np.stack([roll.real[ts], roll.dream[ts]]), ["real", "dream"],
+                             [f"t={t}" for t in ts], "real over dream (M open loop)", scale)
+    err = error_curve(vae, memory, reader, held[:8])
+    files = {"dream_strip.png": strip, "dream_error.png": _dream_error_png(err)}
+    dream = {
+        "memory_run": str(memory_run), "prediction": PREDICTION,
+        "episode": {"index": held[0], "id": reader.episode_ids[held[0]], "frames": n},
+        "strip_every": every, "video": video.name,
+        "open_loop_mse_episode": float(np.mean((roll.z_dream - roll.z_real) ** 2)),
+        "error": err,
+    }
+    return dream, files, video
+
+
 def _static_text(name: str) -> str:
     """A file shipped in ``worldmodel/static``."""
     from importlib.resources import files
@@ -637,6 +716,7 @@ def run(
     seed: int = 0,
     max_dims: int = 32,
     fps: int = 15,
+    memory: Path | None = None,
 ) -> Path:
     """Write the visualizations of a VAE run on a dataset into ``out``.
 
@@ -648,26 +728,36 @@ def run(
     :param seed: which frames are sampled and shown.
     :param max_dims: latent dimensions shown in the traversal grid (highest KL first).
     :param fps: frame rate of the episode video.
+    :param memory: a ``train-memory`` run trained on ``vae_run``'s weights: adds the dream
+        video, strip and open-loop error curve.
     :return: the path of ``visualize.html`` in ``out``.
     :raise UserError: ``vae_run`` is not a VAE run, ``out`` holds another kind of run or is
-        being written by another process, the data does not fit.
+        being written by another process, the data does not fit, ``memory`` is not a memory
+        run or was trained on other VAE weights.
     """
     vae_run, out = require_kind(Path(vae_run), "vae", "VAE run"), Path(out)
+    if memory is not None:
+        memory = require_kind(Path(memory), "memory", "--memory")
     if max_frames < 2:
         raise UserError(f"max_frames must be at least 2, got {max_frames}")
     with RunFolder.open(out, STAGE.kind) as folder:
-        page = _write(vae_run, data, out, max_frames, method, seed, max_dims, fps)
+        page = _write(vae_run, data, out, max_frames, method, seed, max_dims, fps, memory)
         folder.finish()
     return page
 
 
 def _write(vae_run: Path, data: Path, out: Path, max_frames: int, method: Method, seed: int,
-           max_dims: int, fps: int) -> Path:
+           max_dims: int, fps: int, memory_run: Path | None = None) -> Path:
     if max_frames < 2:
         raise UserError(f"max_frames must be at least 2, got {max_frames}")
-    step = _Step(9)
+    step = _Step(9 if memory_run is None else 10)
     vae, reader = load_inputs(vae_run, Path(data))
     assert reader is not None
+    memory = None
+    if memory_run is not None:
+        from worldmodel.dreamviz import check_memory
+
+        memory = check_memory(memory_run, vae, vae_run)
     step(f"sampling up to {max_frames} of {reader.num_frames} frames from {data}")
     sample = sample_frames(reader, max_frames, seed)
     if len(sample.frames) < 2:
@@ -706,11 +796,22 @@ def _write(vae_run: Path, data: Path, out: Path, max_frames: int, method: Method
     _export_sample_projector(out / "projector", enc, vae.image_shape[0], seed)
     step("representation metrics and report")
     summary, rep, source = _metrics(vae_run, vae, reader, max_frames, seed)
+    dream: dict[str, Any] | None = None
+    dream_video: Path | None = None
+    if memory is not None and memory_run is not None:
+        step("the dream: M open loop beside the real episode, k-step latent error")
+        dream, dream_files, dream_video = _dream(vae, memory, memory_run, reader, out, scale,
+                                                 fps)
+        for name, content in dream_files.items():
+            _write_bytes(out / name, content)
+        files.update(dream_files)
 
     def where(i: int) -> str:
         return f"(episode {sample.episode[i]}, t={sample.t[i]})"
 
-    files_out = sorted([*files, video.name, "projector/", "visualize.html", "visualize.json"])
+    extra = [dream_video.name] if dream_video is not None else []
+    files_out = sorted([*files, video.name, *extra, "projector/", "visualize.html",
+                        "visualize.json"])
     report: dict[str, Any] = {
         "vae_run": str(vae_run), "data": str(data), "weights_hash": vae.weights_hash,
         "run": {"VAE run": str(vae_run), "checkpoint": checkpoint_name(vae_run),
@@ -724,8 +825,11 @@ def _write(vae_run: Path, data: Path, out: Path, max_frames: int, method: Method
         "representation": rep, "representation_source": source or None,
         "files": files_out,
     }
+    if dream is not None:
+        report["dream"] = dream
     atomic_write_json(out / "visualize.json", report)
-    atomic_write_text(out / "visualize.html", _page(report, files, video, summary, out))
+    atomic_write_text(out / "visualize.html", _page(report, files, video, summary, out,
+                                                       dream_video))
     log.info("visualize: wrote %d files to %s", len(files_out), out)
     return out / "visualize.html"
 
