@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -569,3 +570,129 @@ def test_cli_missing_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err.strip()
     assert err.startswith("worldmodel explore: error:") and "\n" not in err
 
+
+
+# --------------------------------------------------------------------------------------------
+# The dream tab (--memory)
+
+MEMORY_TINY = [
+    "env.image_size=16", "vae.widths=[8, 16]", "vae.latent_dim=4",
+    "memory.hidden_size=16", "memory.mixtures=2", "memory.batch_size=2", "memory.seq_len=8",
+    "memory.steps=12", "memory.val_every=4", "memory.log_every=2", "memory.lr=3e-3",
+    "data.val_fraction=0.25", "memory.device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def dream_runs(setup: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, Path]:
+    """A tiny M trained (as tests/test_memory.py does) on a copy of the session's VAE."""
+    import shutil
+
+    from worldmodel import train_memory
+    from worldmodel.config import resolve_config
+
+    root = tmp_path_factory.mktemp("explore-dream")
+    vae = Path(shutil.copytree(setup["vae"], root / "vae"))
+    memory = train_memory.run(resolve_config(None, MEMORY_TINY), setup["data"], vae,
+                              root / "memory")
+    return {**setup, "vae": vae, "memory": memory}
+
+
+@pytest.fixture
+def dream_server(dream_runs: dict[str, Path]) -> Iterator[ExplorerServer]:
+    srv = make_server(dream_runs["vae"], dream_runs["data"], port=0, max_frames=200,
+                      memory=dream_runs["memory"])
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1},
+                              daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def test_dream_steps_are_m_steps_decoded(dream_runs: dict[str, Path]) -> None:
+    import torch
+
+    from worldmodel.memory import load_memory, mixture_mean
+
+    vae = load_vae(dream_runs["vae"])
+    memory = load_memory(dream_runs["memory"])
+    ex = Explorer(vae, open_dataset(dream_runs["data"]), max_frames=200, memory=memory)
+    info = ex.info()
+    assert info["dream"]["action_space"]["type"] == "Discrete"
+    start = ex.dream_start(0, 2)
+    z0 = vae.encode(open_dataset(dream_runs["data"]).episode(0).obs[2:3])[0]
+    np.testing.assert_allclose(start["z"], z0, atol=1e-5)
+    assert start["h"] == [0.0] * memory.hidden_size
+    out = ex.dream_step(start["z"], start["h"], start["c"], 3)
+    pred, (h, _) = memory.step(z0[None], memory.actions(np.array([3])),
+                               memory.initial_state(1))
+    want = mixture_mean(pred)[0].numpy()
+    np.testing.assert_allclose(out["z"], want, atol=1e-5)
+    np.testing.assert_allclose(out["h"], h.view(-1).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(_image(out["image"]), vae.decode(want[None])[0])
+    assert 0 <= out["done_prob"] <= 1 and math.isfinite(out["reward"])
+    torch.manual_seed(0)
+    drawn = ex.dream_step(start["z"], start["h"], start["c"], 3, sample=True)
+    assert drawn["z"] != out["z"]
+    with pytest.raises(ApiError, match="does not fit"):
+        ex.dream_step(start["z"], start["h"], start["c"], 7)
+    with pytest.raises(ApiError, match="h must be 16"):
+        ex.dream_step(start["z"], [0.0], start["c"], 0)
+    no_memory = Explorer(vae, None)
+    assert no_memory.info()["dream"] is None
+    with pytest.raises(ApiError, match="--memory"):
+        no_memory.dream_start()
+
+
+def test_dream_http_api_and_refusals(dream_server: ExplorerServer,
+                                     dream_runs: dict[str, Path], tmp_path: Path) -> None:
+    url = dream_server.url
+    status, start = _post(url + "api/dream/start", b'{"episode": 0, "t": 0}')
+    assert status == 200 and len(start["z"]) == LATENT
+    body = {"z": start["z"], "h": start["h"], "c": start["c"], "action": 1}
+    status, out = _post(url + "api/dream/step", json.dumps(body).encode())
+    assert status == 200 and _image(out["image"]).shape == (SIZE, SIZE, 3)
+    assert len(out["h"]) == len(start["h"]) and out["z"] != start["z"]
+    assert _post(url + "api/dream/step", b'{"z": [0]}')[0] == 400
+    assert _post(url + "api/dream/step", json.dumps({**body, "action": 9}).encode())[0] == 400
+    assert _post(url + "api/dream/start", b'{"episode": 99}')[0] == 404
+    assert _post(url + "api/dream/start", b'[1]')[0] == 400
+    with pytest.raises(UserError, match="--memory") as info:
+        make_server(dream_runs["vae"], None, port=0, memory=dream_runs["vae"])
+    assert "\n" not in str(info.value)
+
+
+def test_browser_dream_tab_plays_with_the_keyboard(dream_server: ExplorerServer) -> None:
+    sync_playwright = _playwright()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(dream_server.url)
+            page.wait_for_selector("body[data-ready='1']", timeout=15_000)
+            assert page.is_visible("#dream-panel")
+            page.wait_for_function("() => document.body.dataset.dreamSteps === '0'",
+                                   timeout=10_000)
+            first = page.get_attribute("#dream-img", "src")
+            assert first and first.startswith("data:image/png;base64,")
+            page.click("#dream-img")
+            page.keyboard.press("ArrowRight")
+            page.wait_for_function("() => document.body.dataset.dreamSteps === '1'",
+                                   timeout=10_000)
+            page.keyboard.press("ArrowDown")
+            page.wait_for_function("() => document.body.dataset.dreamSteps === '2'",
+                                   timeout=10_000)
+            assert "step 2" in page.inner_text("#dream-info")
+            page.click("#dream-start")
+            page.wait_for_function("() => document.body.dataset.dreamSteps === '0'",
+                                   timeout=10_000)
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -148,7 +148,9 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 def _cmd_explore(args: argparse.Namespace) -> int:
     data = _dataset(args.data) if args.data else None
-    _stage("worldmodel.explore", 8).serve(Path(args.vae_run), data, host=args.host, port=args.port)
+    memory = Path(args.memory) if args.memory else None
+    _stage("worldmodel.explore", 8).serve(Path(args.vae_run), data, host=args.host, port=args.port,
+                                          memory=memory)
     return 0
 
 
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "-d", metavar="DATA", help="Dataset to browse.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", "-p", type=int, default=8765)
+    p.add_argument("--memory", metavar="MEMORY_RUN",
+                   help="A train-memory run on this VAE: the page's dream tab plays inside M.")
     p.set_defaults(func=_cmd_explore)
 
     p = sub.add_parser("compare", help="Compare agent runs with confidence intervals.")

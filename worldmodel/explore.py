@@ -16,6 +16,14 @@ JSON API served by the standard library's :class:`~http.server.ThreadingHTTPServ
 ``GET /api/neighbours?episode=I&t=T&k=K``
     the ``K`` frames of the encoded sample nearest to that frame in latent space
     (``sklearn.neighbors.NearestNeighbors``, Euclidean on the posterior means).
+``POST /api/dream/start`` with ``{"episode": I, "t": T}`` (``{}``: the sample's mean latent)
+    with a memory run (``--memory``): the dream's first step, ``{"z", "h", "c", "image"}``
+    (``z`` the frame's latent mean, ``h`` and ``c`` M's zero LSTM state).
+``POST /api/dream/step`` with ``{"z", "h", "c", "action", "sample": false}``
+    one step of M: ``z_{t+1}`` (its mixture mean, or with ``"sample": true`` a draw at the
+    run's ``memory.temperature``), the new ``h`` and ``c``, the decoded frame, the predicted
+    reward and ``p(done)``. The page keeps the state, so the server holds none: the dream tab
+    plays inside M with the keyboard.
 
 Errors come back as ``{"error": "..."}`` with status 400 or 404 (500, logged, for a bug). The
 server binds 127.0.0.1 unless told otherwise, and Ctrl-C stops it cleanly. Bound to a loopback
@@ -57,6 +65,7 @@ from worldmodel.media import png_bytes
 
 if TYPE_CHECKING:
     from worldmodel.dataset import DatasetReader
+    from worldmodel.memory import LoadedMemory
     from worldmodel.vae import LoadedVAE
 
 log = logging.getLogger("worldmodel")
@@ -111,8 +120,8 @@ class Explorer:
     """
 
     def __init__(self, vae: LoadedVAE, reader: DatasetReader | None, max_frames: int = 2000,
-                 seed: int = 0) -> None:
-        self.vae, self.reader = vae, reader
+                 seed: int = 0, memory: LoadedMemory | None = None) -> None:
+        self.vae, self.reader, self.memory = vae, reader, memory
         self._lock = threading.Lock()  # one model call / dataset read at a time
         self._episodes: OrderedDict[int, tuple[Any, np.ndarray]] = OrderedDict()
         z = vae.latent_dim
@@ -154,7 +163,72 @@ class Explorer:
             else "the prior N(0, 1)",
             "episodes": episodes,
             "sample_frames": len(self.mu),
+            "dream": None if self.memory is None else {
+                "memory_run": str(self.memory.run_dir), "action_space": self.memory.action_space,
+                "hidden_size": self.memory.hidden_size, "temperature": self.memory.temperature,
+            },
         }
+
+    def _memory(self) -> LoadedMemory:
+        if self.memory is None:
+            raise ApiError(404, "no memory model: start explore with --memory MEMORY_RUN to "
+                                "dream")
+        return self.memory
+
+    def _vector(self, value: Any, size: int, name: str) -> np.ndarray:
+        try:
+            vec = np.asarray(value, np.float32)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"{name} must be a list of numbers") from None
+        if vec.shape != (size,) or not np.isfinite(vec).all():
+            raise ApiError(400, f"{name} must be {size} finite numbers, got shape "
+                                f"{list(vec.shape)}")
+        return vec
+
+    def dream_start(self, episode: int | None = None, t: int = 0) -> dict[str, Any]:
+        """The dream's start: a dataset frame's latent (or the sample's mean) and zero state."""
+        memory = self._memory()
+        if episode is None:
+            z = self.centre.astype(np.float32)
+        else:
+            ep, mu = self._episode(int(episode))
+            if not 0 <= t < ep.length:
+                raise ApiError(404, f"episode {episode} has frames 0..{ep.length - 1}, not {t}")
+            z = mu[t]
+        zeros = [0.0] * memory.hidden_size
+        with self._lock:
+            image = self.vae.decode(z[None])[0]
+        return {"z": [float(v) for v in z], "h": zeros, "c": list(zeros),
+                "image": _png_uri(image)}
+
+    def dream_step(self, z: Any, h: Any, c: Any, action: Any,
+                   sample: bool = False) -> dict[str, Any]:
+        """One step of M from ``(z, h, c)`` with an env action (see the module docstring)."""
+        import torch
+
+        from worldmodel.memory import mixture_mean
+
+        memory = self._memory()
+        zv = self._vector(z, memory.latent_dim, "z")
+        hv = self._vector(h, memory.hidden_size, "h")
+        cv = self._vector(c, memory.hidden_size, "c")
+        try:
+            a = memory.actions(np.asarray([action]))
+        except (UserError, TypeError, ValueError, IndexError, KeyError):
+            raise ApiError(400, f"action {action!r} does not fit the action space "
+                                f"{memory.action_space}") from None
+        if a.shape != (1, memory.action_dim) or not np.isfinite(a).all():
+            raise ApiError(400, f"action {action!r} does not fit the action space "
+                                f"{memory.action_space}")
+        state = (torch.from_numpy(hv)[None, None], torch.from_numpy(cv)[None, None])
+        with self._lock:
+            out, (h2, c2) = memory.step(zv[None], a, state)
+            nxt = memory.sample(out) if sample else mixture_mean(out)
+            znext = nxt[0].cpu().numpy()
+            image = self.vae.decode(znext[None])[0]
+        return {"z": [float(v) for v in znext], "h": [float(v) for v in h2.view(-1)],
+                "c": [float(v) for v in c2.view(-1)], "image": _png_uri(image),
+                "reward": float(out.reward[0]), "done_prob": float(out.done_prob[0])}
 
     def decode(self, z: Any) -> dict[str, Any]:
         """Decode one latent vector.
@@ -465,10 +539,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": f"no such page {url.path}"})
 
     def do_POST(self) -> None:
-        """Decode a latent vector: ``{"z": [...]}`` -> ``{"image": data URI}``."""
+        """Decode a latent vector (``{"z": [...]}`` -> ``{"image": data URI}``), or dream."""
         if self._host_refused():
             return
-        if urlsplit(self.path).path != "/api/decode":
+        path = urlsplit(self.path).path
+        if path not in ("/api/decode", "/api/dream/start", "/api/dream/step"):
             self._json(404, {"error": f"no such endpoint {self.path}"})
             return
         try:
@@ -487,13 +562,26 @@ class _Handler(BaseHTTPRequestHandler):
         if json_depth(raw) > MAX_DEPTH:
             self._json(400, {"error": f"JSON body nested deeper than {MAX_DEPTH} levels"})
             return
+        ex = self.server.explorer
         try:
             body = json.loads(raw.decode("utf-8"))
+            if path == "/api/dream/start":
+                episode = body.get("episode")
+                t = int(body.get("t", 0))
+                episode = None if episode is None else int(episode)
+                self._answer(lambda: ex.dream_start(episode, t))
+                return
+            if path == "/api/dream/step":
+                args = (body["z"], body["h"], body["c"], body["action"])
+                sample = bool(body.get("sample", False))
+                self._answer(lambda: ex.dream_step(*args, sample=sample))
+                return
             z = body["z"]
-        except (ValueError, KeyError, TypeError):
-            self._json(400, {"error": "expected a JSON body {\"z\": [...]}"})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            what = "{\"z\": [...]}" if path == "/api/decode" else "of the dream API"
+            self._json(400, {"error": f"expected a JSON body {what}"})
             return
-        self._answer(lambda: self.server.explorer.decode(z))
+        self._answer(lambda: ex.decode(z))
 
     def log_message(self, format: str, *args: Any) -> None:
         """Request lines go to the debug log, not stderr."""
@@ -509,6 +597,7 @@ def make_server(
     seed: int = 0,
     request_timeout: float = 5.0,
     max_connections: int = 32,
+    memory: Path | None = None,
 ) -> ExplorerServer:
     """Load the VAE (and dataset), encode a sample and bind the server (not yet serving).
 
@@ -519,12 +608,19 @@ def make_server(
     :param request_timeout: seconds each request has to arrive whole (see
         :class:`ExplorerServer`).
     :param max_connections: connections served at once; more get a 503.
-    :raises UserError: bad run or dataset, or a port that is taken.
+    :param memory: a ``train-memory`` run on this VAE's weights: the page's dream tab.
+    :raises UserError: bad run or dataset, a memory run of other VAE weights, or a port that
+        is taken.
     """
     vae, reader = load_inputs(Path(vae_run), None if data is None else Path(data))
+    loaded = None
+    if memory is not None:
+        from worldmodel.dreamviz import check_memory
+
+        loaded = check_memory(Path(memory), vae, Path(vae_run))
     if reader is not None:
         log.info("explore: encoding up to %d frames of %s", max_frames, data)
-    explorer = Explorer(vae, reader, max_frames=max_frames, seed=seed)
+    explorer = Explorer(vae, reader, max_frames=max_frames, seed=seed, memory=loaded)
     try:
         return ExplorerServer((host, port), explorer, request_timeout=request_timeout,
                               max_connections=max_connections)
@@ -533,15 +629,17 @@ def make_server(
                         "--port, or --port 0 for any free one") from e
 
 
-def serve(vae_run: Path, data: Path | None, host: str = "127.0.0.1", port: int = 8765) -> None:
+def serve(vae_run: Path, data: Path | None, host: str = "127.0.0.1", port: int = 8765,
+          memory: Path | None = None) -> None:
     """Serve the explorer until Ctrl-C (then shut down cleanly and return).
 
     :param vae_run: a ``worldmodel train-vae`` run folder.
     :param data: a dataset to browse, or ``None``.
     :param host: interface to bind (``0.0.0.0`` exposes the page to the network).
     :param port: TCP port (0: any free one).
+    :param memory: a ``train-memory`` run on this VAE (the dream tab), or ``None``.
     """
-    server = make_server(vae_run, data, host, port)
+    server = make_server(vae_run, data, host, port, memory=memory)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("explore: listening on %s: anyone who can reach this machine can use it",
                     host)
