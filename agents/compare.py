@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.modes import report_rank
+from agents.modes import MODE_NAMES, get_mode, report_rank
 from agents.train import STAGE as TRAIN_STAGE
 from worldmodel.collect import STAGE as COLLECT_STAGE
 from worldmodel.config import CompareConfig, Config, load_run_config
@@ -47,6 +47,8 @@ class AgentRun:
     :param steps: ``(K,)`` env steps at each periodic evaluation.
     :param seconds: ``(K,)`` wall-clock seconds of training at each periodic evaluation.
     :param curve: ``(K,)`` mean return of each periodic evaluation.
+    :param real_env_steps: the real env steps the agent consumed: the steps it trained on, or
+        for an agent trained in M's dream the frames of M's dataset (``summary.json``).
     """
 
     path: Path
@@ -60,6 +62,7 @@ class AgentRun:
     deterministic: bool
     vae: dict[str, Any] | None = None
     group: str = ""
+    real_env_steps: int | None = None
 
     @property
     def score(self) -> float:
@@ -206,8 +209,10 @@ def load_agent_run(path: Path) -> AgentRun:
     sps = sps or float(steps[-1] / max(seconds[-1], 1e-9))
     vae_file = path / "vae.json"
     vae = _read_json_file(vae_file) if vae_file.is_file() else None
+    real = summary.get("real_env_steps_collected", summary.get("real_env_steps", steps[-1]))
+    real = int(real) if _is_number(real) else None
     return AgentRun(path, config, returns, steps, seconds, curve, float(sps), eval_seed,
-                    deterministic, vae)
+                    deterministic, vae, real_env_steps=real)
 
 
 def _fingerprint(run: AgentRun) -> str:
@@ -242,6 +247,9 @@ def _run_settings(run: AgentRun) -> dict[str, Any]:
     settings = {key: repr(value) for key, value in
                 stage_settings(run.config, StageSpec("", "", tuple(keys)), "output", "budget",
                                "runtime").items()}
+    if run.config.agent.obs_mode in MODE_NAMES and get_mode(
+            run.config.agent.obs_mode).trains_in == "dream":  # the dream's temperature
+        settings["memory.temperature"] = repr(run.config.memory.temperature)
     if run.vae and run.vae.get("kind") == "vae" and run.vae.get("weights_hash"):
         settings["vae"] = str(run.vae["weights_hash"])[:12]
     memory_file = run.path / "memory.json"  # agents on a trained M: never pooled across Ms
@@ -256,7 +264,8 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
 
     Settings are the run's config and, for agents on a trained VAE, that VAE's weights (``vae``:
     the start of their hash), so agents on different VAEs are never pooled; likewise for agents
-    on a trained memory model M (``memory``, from ``memory.json``).
+    on a trained memory model M (``memory``, from ``memory.json``), and for agents trained in
+    M's dream on its temperature (``memory.temperature``).
 
     :raises UserError: when the runs are not from the same env and preprocessing, or were scored
         differently (greedy vs sampled actions).
@@ -274,7 +283,7 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
             f"{', '.join(greedy)}): re-run `worldmodel evaluate` on them with the same flag"
         )
     flat = [_run_settings(r) for r in runs]
-    defining = [*defining_keys(TRAIN_STAGE), "vae", "memory"]
+    defining = [*defining_keys(TRAIN_STAGE), "memory.temperature", "vae", "memory"]
     differing = [
         k for k in defining
         if len({f[k] for f in flat if k in f}) > 1 and k != "agent.obs_mode"
@@ -580,6 +589,7 @@ def write_report(
                 "seeds": [r.config.seed for r in g.runs],
                 "scores": g.scores[:, 0].tolist(),
                 "timesteps": int(max(r.steps[-1] for r in g.runs)),
+                "real_env_steps": _real_steps(g),
                 "steps_per_second": float(np.mean([r.steps_per_second for r in g.runs])),
                 "train_seconds": float(np.mean([r.seconds[-1] for r in g.runs])),
                 **stats[g.name],
@@ -594,6 +604,12 @@ def write_report(
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", _markdown(report, stats, improvement, groups, cfg))
     return report
+
+
+def _real_steps(group: Group) -> int | None:
+    """The most real env steps a run of the group consumed (``None`` when one is unknown)."""
+    values = [r.real_env_steps for r in group.runs]
+    return None if any(v is None for v in values) else max(v for v in values if v is not None)
 
 
 def _markdown(
@@ -611,20 +627,22 @@ def _markdown(
         f"{cfg.bootstrap_reps} resamples). The random policy's runs are its "
         f"{report['random_baseline']['episodes']} episodes on the same env and episode seeds.",
         "",
-        f"| group | runs | env steps | IQM [{ci}] | mean [{ci}] | median [{ci}] | "
-        "train env steps/s | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| group | runs | env steps | real env steps | IQM [{ci}] | mean [{ci}] | "
+        f"median [{ci}] | train env steps/s | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         info = report["groups"][g.name]
         lines.append(
             f"| {g.name} | {len(g.runs)} (seeds {', '.join(map(str, info['seeds']))}) | "
-            f"{info['timesteps']:,} | {_fmt(stats[g.name]['IQM'])} | "
+            f"{info['timesteps']:,} | "
+            f"{'?' if info['real_env_steps'] is None else format(info['real_env_steps'], ',')} | "
+            f"{_fmt(stats[g.name]['IQM'])} | "
             f"{_fmt(stats[g.name]['mean'])} | {_fmt(stats[g.name]['median'])} | "
             f"{info['steps_per_second']:.0f} | {info['train_seconds']:.0f} |"
         )
     lines.append(
-        f"| {RANDOM} | {report['random_baseline']['episodes']} episodes | - | "
+        f"| {RANDOM} | {report['random_baseline']['episodes']} episodes | - | - | "
         f"{_fmt(stats[RANDOM]['IQM'])} | {_fmt(stats[RANDOM]['mean'])} | "
         f"{_fmt(stats[RANDOM]['median'])} | - | - |"
     )

@@ -12,6 +12,8 @@ Everything that differs between modes is read from the mode's row, never from it
   ``uses_memory_weights`` its trained weights, otherwise an untrained M of its architecture;
 * :mod:`agents.models` picks ``default_policy`` and, with ``encoder_in_policy``, puts the VAE
   encoder inside the policy as its features extractor;
+* modes that train ``in "dream"`` train inside M's dream (:mod:`worldmodel.dream`, observing
+  ``[z, h]`` as the memory modes do) and are evaluated in the real env;
 * ``compare`` reports groups in the table's order.
 
 Adding a mode means adding a row to :data:`MODES` (plus, for a new kind of observation, its
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 PolicyInput = Literal["frames", "latents"]
 #: How raw env frames become observations; a key of :data:`agents.wrapping.WRAPPERS`.
 WrapperKind = Literal["frames", "latents", "latents-memory"]
+#: Where the agent trains: the real env, or M's dream (World Models' "training inside the dream").
+TrainsIn = Literal["real", "dream"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ class ObsModeSpec:
         whose architecture (and maybe weights) comes from a memory run (``--memory``).
     :param uses_memory_weights: its results depend on the memory run's trained weights;
         otherwise M is untrained (seeded by ``seed``), borrowing only the architecture.
+    :param trains_in: ``"real"``: it trains in the env; ``"dream"``: in the dream of its trained
+        M (:func:`worldmodel.dream.make_dream_env`), while its periodic and final evaluations
+        run in the real env, observed as ``[z, h]`` (the ``latents-memory`` wrapper).
     """
 
     name: str
@@ -68,6 +75,7 @@ class ObsModeSpec:
     encoder_in_policy: bool = False
     needs_memory_run: bool = False
     uses_memory_weights: bool = False
+    trains_in: TrainsIn = "real"
 
     def __post_init__(self) -> None:
         """Reject rows that contradict themselves."""
@@ -79,6 +87,10 @@ class ObsModeSpec:
             raise ValueError(f"obs mode {self.name}: uses_memory_weights needs needs_memory_run")
         if self.needs_memory_run and not self.frozen_encoder:
             raise ValueError(f"obs mode {self.name}: needs_memory_run needs a frozen encoder")
+        if self.trains_in == "dream" and not (self.uses_memory_weights
+                                              and self.wrapper == "latents-memory"):
+            raise ValueError(f"obs mode {self.name}: trains_in dream needs a trained M and the "
+                             "latents-memory wrapper (the dream observes [z, h])")
 
     @property
     def memory_kind(self) -> Literal["memory", "random"] | None:
@@ -159,6 +171,18 @@ MODES: tuple[ObsModeSpec, ...] = (
         default_policy="MlpPolicy",
         wrapper="latents-memory",
         needs_memory_run=True,
+    ),
+    ObsModeSpec(
+        name="dream",
+        description="[z, h] as latent-memory, trained only in M's dream, scored in the real env",
+        needs_vae_run=True,
+        uses_vae_weights=True,
+        policy_input="latents",
+        default_policy="MlpPolicy",
+        wrapper="latents-memory",
+        needs_memory_run=True,
+        uses_memory_weights=True,
+        trains_in="dream",
     ),
 )
 

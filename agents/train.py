@@ -9,7 +9,9 @@ Top to bottom, :func:`run`:
    against the env's frames, or an untrained one for ``random-encoder``) and records it in
    ``vae.json``;
 3. builds ``env.n_envs`` training envs and ``agent.eval_envs`` evaluation envs (seeds
-   ``seed + 1000 + i``) with the same observation pipeline (:mod:`agents.wrapping`);
+   ``seed + 1000 + i``) with the same observation pipeline (:mod:`agents.wrapping`); a mode
+   that trains in the dream (its row's ``trains_in``) trains in ``env.n_envs`` dreams of its
+   M instead (:func:`make_dream_agent_env`) and is evaluated in the real env;
 4. trains with SB3's logger (``progress*.csv``, TensorBoard; on a terminal also stdout and its
    progress bar, else one log line per evaluation), a periodic evaluation
    (:class:`PeriodicEval`) and checkpoints (:class:`Checkpoint`);
@@ -23,7 +25,9 @@ evaluation: ``timesteps``, ``wall_seconds``, ``elapsed_seconds``, ``returns``, `
 ``mean_return``, ``std_return``), ``best_model.zip``, ``last.zip`` (+ ``replay_buffer.npz`` for
 off-policy algorithms when small enough, ``vecnormalize.json`` with reward normalisation; no
 file of a run folder is ever unpickled),
-``train_state.json``, ``summary.json``, TensorBoard ``events.*`` and ``progress.csv``
+``train_state.json``, ``summary.json`` (with ``real_env_steps``, the real env steps trained on,
+and ``dream_env_steps``; a dream run adds ``real_env_steps_collected``, the frames of M's
+dataset, and ``dream_tau``), TensorBoard ``events.*`` and ``progress.csv``
 (``progress_<n>.csv`` for the n-th resumed session).
 
 ``wall_seconds`` is training wall-clock time, periodic evaluations and checkpointing excluded,
@@ -37,6 +41,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +69,7 @@ from agents.models import (
     load_replay_buffer,
     save_replay_buffer,
 )
+from agents.modes import get_mode
 from agents.wrapping import (
     EVAL_SEED_OFFSET,
     LEGACY_NORMALIZE_FILE,
@@ -88,6 +94,7 @@ if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
     from worldmodel.config import Config
+    from worldmodel.memory import LoadedMemory
 
 log = logging.getLogger("worldmodel")
 
@@ -165,7 +172,9 @@ class PeriodicEval(EvalCallback):
         self.last_record: dict[str, Any] | None = None
 
     def _init_callback(self) -> None:
-        super()._init_callback()
+        with warnings.catch_warnings():  # a dream-trained agent is evaluated in the real env
+            warnings.filterwarnings("ignore", "Training and eval env are not of the same type")
+            super()._init_callback()
         self.next_eval = (self.model.num_timesteps // self.every + 1) * self.every
 
     def _on_step(self) -> bool:
@@ -338,7 +347,11 @@ def open_run(cfg: Config, out: Path, resume: bool | None) -> RunFolder:
                             stale=STALE_FILES)
     try:
         if folder.resume:
-            changed = resume_mismatches(load_run_config(out), cfg, STAGE)
+            old = load_run_config(out)
+            changed = resume_mismatches(old, cfg, STAGE)
+            if get_mode(cfg.agent.obs_mode).trains_in == "dream":
+                a, b = old.memory.temperature, cfg.memory.temperature  # DREAM_SETTINGS
+                changed += [f"memory.temperature: {a!r} -> {b!r}"] if a != b else []
             if changed:
                 raise UserError(
                     f"--resume: these settings differ from {out}/config.yaml: "
@@ -472,26 +485,106 @@ def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder,
         memory, memory_record = prepare_memory(cfg, memory_run, encoder, out)
     folder.save_config(cfg)
     gamma = float(cfg.agent.hyperparams.get("gamma", 0.99))
-    env = make_agent_env(cfg, encoder, n_envs=cfg.env.n_envs, seed=cfg.seed, gamma=gamma,
-                         normalize_from=out / NORMALIZE_FILE if resume else None, memory=memory)
+    in_dream = get_mode(cfg.agent.obs_mode).trains_in == "dream"
+    if in_dream:
+        assert memory is not None  # prepare_memory / load_agent_memory gave the trained M
+        steps = int(_read_state(out).get("timesteps", 0)) if resume else 0
+        env = make_dream_agent_env(cfg, memory, steps, gamma,
+                                   out / NORMALIZE_FILE if resume else None)
+    else:
+        env = make_agent_env(cfg, encoder, n_envs=cfg.env.n_envs, seed=cfg.seed, gamma=gamma,
+                             normalize_from=out / NORMALIZE_FILE if resume else None,
+                             memory=memory)
     eval_env = None
     try:
         check_action_space(cfg.agent.algo, env.action_space, cfg.env.id)
         eval_env = make_agent_env(cfg, encoder, n_envs=cfg.agent.eval_envs,
                                   seed=cfg.seed + EVAL_SEED_OFFSET, training=False, gamma=gamma,
                                   memory=memory)
+        if in_dream:
+            check_dream_spaces(env, eval_env, cfg)
         model = _build_model(cfg, out, env, record, resume, device)
         summary = _train(cfg, out, model, eval_env, record, resume)
         if summary is not None:
             if memory_record is not None:
                 summary["memory"] = {k: memory_record.get(k) for k in
                                      ("kind", "path", "checkpoint", "weights_hash")}
+            steps = summary["timesteps"]
+            summary["real_env_steps"] = 0 if in_dream else steps
+            summary["dream_env_steps"] = steps if in_dream else 0
+            if in_dream:
+                assert memory is not None
+                summary["real_env_steps_collected"] = collected_frames(memory.run_dir)
+                summary["dream_tau"] = cfg.memory.temperature
             folder.save_summary(summary)
         folder.finish()
     finally:
         env.close()
         if eval_env is not None:
             eval_env.close()
+
+
+def dream_seed(seed: int, steps: int) -> int:
+    """The dream's seed for a session starting at ``steps``: a fresh stream on each resume."""
+    return int(np.random.SeedSequence([seed, steps]).generate_state(1)[0])
+
+
+def make_dream_agent_env(cfg: Config, memory: LoadedMemory, steps: int, gamma: float,
+                         normalize_from: Path | None) -> VecEnv:
+    """The training env of a mode that trains in the dream: ``env.n_envs`` dreams of M.
+
+    M's run folder gives the dataset (its first frames start the episodes, its manifest the
+    action space and the episode cap); the temperature is ``memory.temperature``; the dream is
+    seeded from ``seed`` and ``steps`` (the step count a session starts from). Reward
+    normalisation is as in the real env's (:func:`agents.wrapping.make_agent_env`).
+    """
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from agents.memory_obs import MEMORY_CHECKPOINT
+    from agents.wrapping import load_normalization
+    from worldmodel.dream import make_dream_env
+
+    if memory.run_dir is None:
+        raise UserError(f"agent.obs_mode={cfg.agent.obs_mode} trains in the dream of a memory "
+                        "run folder: pass --memory MEMORY_RUN")
+    venv: VecEnv = make_dream_env(memory.run_dir, n_envs=cfg.env.n_envs,
+                                  tau=cfg.memory.temperature, seed=dream_seed(cfg.seed, steps),
+                                  checkpoint=MEMORY_CHECKPOINT)
+    if cfg.agent.normalize_reward:
+        venv = VecNormalize(venv, training=True, norm_obs=False, norm_reward=True, gamma=gamma)
+        if normalize_from is not None:
+            load_normalization(normalize_from, venv)
+    return venv
+
+
+def check_dream_spaces(dream: VecEnv, real: VecEnv, cfg: Config) -> None:
+    """Refuse (one line) a dream whose observations or actions are not the real env's."""
+    for what, a, b in (("observations", dream.observation_space, real.observation_space),
+                       ("actions", dream.action_space, real.action_space)):
+        if a != b:
+            hint = (" (agent.history > 1 stacks the real env's [z, h] but not the dream's; "
+                    "use agent.history=1)" if cfg.agent.history > 1 and what == "observations"
+                    else "; use a memory run trained on this env")
+            raise UserError(f"agent.obs_mode={cfg.agent.obs_mode}: the dream's {what} {a} are "
+                            f"not the real env's {b}{hint}")
+
+
+def collected_frames(memory_run: Path | None) -> int | None:
+    """The frames of the dataset a memory run was trained on: the real env steps it consumed."""
+    from worldmodel.dataset import open_dataset
+
+    if memory_run is None:
+        return None
+    summary = Path(memory_run) / "summary.json"
+    data = read_json(summary).get("inputs", {}).get("dataset") if summary.is_file() else None
+    if not data:
+        return None
+    try:
+        return int(open_dataset(Path(data)).num_frames)
+    except (OSError, UserError) as e:
+        log.warning("cannot count the frames of %s (%s): real_env_steps_collected unknown",
+                    data, e)
+        return None
 
 
 def _train(
@@ -628,6 +721,8 @@ def agent_config(cfg: Config, mode: str, seed: int) -> Config:
 VAE_ARCHITECTURE = ("vae.latent_dim", "vae.widths", "vae.decoder", "vae.broadcast_size")
 #: The ``memory`` settings that ``build_memory`` reads: what an untrained M borrows of a memory run.
 MEMORY_ARCHITECTURE = ("memory.hidden_size", "memory.mixtures")
+#: The settings of the dream a mode that trains in it reads (not ``train-memory``'s key).
+DREAM_SETTINGS = ("memory.temperature",)
 
 
 def arms(cfg: Config) -> list[Variant]:
@@ -637,9 +732,8 @@ def arms(cfg: Config) -> list[Variant]:
     get the VAE run; only those that use its trained weights depend on its key, the others on
     its architecture (:data:`VAE_ARCHITECTURE`). Modes with M get the memory run too, keyed
     on it when they use its weights, else on its architecture (:data:`MEMORY_ARCHITECTURE`).
+    Modes that train in the dream also read its temperature (:data:`DREAM_SETTINGS`).
     """
-    from agents.modes import get_mode
-
     out = []
     for name in cfg.pipeline.obs_modes:
         mode = get_mode(name, "pipeline.obs_modes")
@@ -653,6 +747,8 @@ def arms(cfg: Config) -> list[Variant]:
                 keyed += ("train-memory",)
             else:
                 reads += MEMORY_ARCHITECTURE
+        if mode.trains_in == "dream":
+            reads += DREAM_SETTINGS
         for seed in cfg.pipeline.seeds:
             out.append(Variant(f"{name}__seed{seed}", agent_config(cfg, name, seed), needs,
                                keyed, reads))

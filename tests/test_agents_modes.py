@@ -22,18 +22,20 @@ from worldmodel.errors import ConfigError, UserError
 
 def test_table_rows() -> None:
     assert MODE_NAMES == ("pixel", "latent", "latent-finetune", "random-encoder",
-                          "latent-memory", "latent-memory-untrained")
-    pixel, latent, finetune, random, memory, control = MODES
+                          "latent-memory", "latent-memory-untrained", "dream")
+    pixel, latent, finetune, random, memory, control, dream = MODES
     assert (pixel.encoder_kind, latent.encoder_kind, finetune.encoder_kind,
             random.encoder_kind) == (None, "vae", "vae", "random")
     assert [m.name for m in MODES if m.uses_vae_weights] == [
-        "latent", "latent-finetune", "latent-memory", "latent-memory-untrained"]
+        "latent", "latent-finetune", "latent-memory", "latent-memory-untrained", "dream"]
     assert [m.name for m in MODES if m.frozen_encoder] == [
-        "latent", "random-encoder", "latent-memory", "latent-memory-untrained"]
-    assert [m.memory_kind for m in MODES] == [None] * 4 + ["memory", "random"]
-    assert memory.wrapper == control.wrapper == "latents-memory"
+        "latent", "random-encoder", "latent-memory", "latent-memory-untrained", "dream"]
+    assert [m.memory_kind for m in MODES] == [None] * 4 + ["memory", "random", "memory"]
+    assert memory.wrapper == control.wrapper == dream.wrapper == "latents-memory"
+    assert [m.name for m in MODES if m.trains_in == "dream"] == ["dream"]
     assert [m.default_policy for m in MODES] == ["CnnPolicy", "MlpPolicy", "CnnPolicy",
-                                                 "MlpPolicy", "MlpPolicy", "MlpPolicy"]
+                                                 "MlpPolicy", "MlpPolicy", "MlpPolicy",
+                                                 "MlpPolicy"]
     assert all(m.wrapper in WRAPPERS for m in MODES)
     assert all(m.policy_input == ("latents" if m.frozen_encoder else "frames") for m in MODES)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -49,6 +51,8 @@ def test_rows_that_contradict_themselves_are_rejected() -> None:
         dataclasses.replace(MODES[1], name="bad", uses_memory_weights=True)
     with pytest.raises(ValueError, match="needs_memory_run needs a frozen encoder"):
         dataclasses.replace(MODES[2], name="bad", needs_memory_run=True)
+    with pytest.raises(ValueError, match="trains_in dream"):
+        dataclasses.replace(MODES[5], name="bad", trains_in="dream")  # an untrained M
 
 
 def test_get_mode() -> None:
@@ -59,7 +63,7 @@ def test_get_mode() -> None:
     assert isinstance(e.value, UserError)
     assert str(e.value) == ("agent.obs_mode: unknown observation mode 'telepathy'; expected one "
                             "of pixel, latent, latent-finetune, random-encoder, latent-memory, "
-                            "latent-memory-untrained")
+                            "latent-memory-untrained, dream")
 
 
 def test_report_rank_follows_the_table() -> None:
@@ -80,9 +84,9 @@ def test_check_modes() -> None:
     check_modes(_with_modes("random-encoder", list(MODE_NAMES)))
     with pytest.raises(ConfigError, match=r"^agent\.obs_mode: unknown observation mode 'x'"):
         check_modes(_with_modes("x", ["pixel"]))
-    with pytest.raises(ConfigError, match=r"^pipeline\.obs_modes\[1\]: unknown .* 'dream'; "
+    with pytest.raises(ConfigError, match=r"^pipeline\.obs_modes\[1\]: unknown .* 'telepathy'; "
                                           r"expected one of pixel, latent, "):
-        check_modes(_with_modes("pixel", ["pixel", "dream"]))
+        check_modes(_with_modes("pixel", ["pixel", "telepathy"]))
 
 
 def test_config_describes_every_mode() -> None:

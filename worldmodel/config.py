@@ -287,7 +287,8 @@ class AgentConfig(Section):
         "latent-finetune: the VAE encoder inside the policy, trained; random-encoder: an "
         "untrained frozen encoder (control); latent-memory: MlpPolicy on [z, h]: a frozen "
         "VAE's latents and M's LSTM state; latent-memory-untrained: [z, h] with an untrained M "
-        "(control).",
+        "(control); dream: [z, h] as latent-memory, trained only in M's dream, scored in the "
+        "real env.",
     )
     timesteps: int = Field(
         100_000, ge=1,
