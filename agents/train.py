@@ -38,6 +38,7 @@ includes them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -87,7 +88,7 @@ from worldmodel.io import (
     read_jsonl,
 )
 from worldmodel.runfolder import RunFolder, require_kind
-from worldmodel.stages import StageSpec, Variant, resume_mismatches
+from worldmodel.stages import StageSpec, Variant
 from worldmodel.utils import progress_enabled, seed_everything
 
 if TYPE_CHECKING:
@@ -337,31 +338,27 @@ STALE_FILES = (
 def open_run(cfg: Config, out: Path, resume: bool | None) -> RunFolder:
     """Open the agent run folder (a :class:`~worldmodel.runfolder.RunFolder` on ``last.zip``).
 
-    A resumed run refuses other ``output`` settings than the ones it was started with
-    (:func:`worldmodel.stages.resume_mismatches` over :data:`STAGE`); budgets and runtime
-    settings may change.
+    A resumed run refuses other ``output`` settings than the ones it was started with, among
+    those its mode reads (:func:`run_spec`); budgets and runtime settings may change.
     """
-    from worldmodel.config import load_run_config
-
     folder = RunFolder.open(out, STAGE.kind, resume=resume, checkpoint="last.zip",
                             stale=STALE_FILES)
     try:
-        if folder.resume:
-            old = load_run_config(out)
-            changed = resume_mismatches(old, cfg, STAGE)
-            if get_mode(cfg.agent.obs_mode).trains_in == "dream":
-                a, b = old.memory.temperature, cfg.memory.temperature  # DREAM_SETTINGS
-                changed += [f"memory.temperature: {a!r} -> {b!r}"] if a != b else []
-            if changed:
-                raise UserError(
-                    f"--resume: these settings differ from {out}/config.yaml: "
-                    f"{'; '.join(changed)}; resume with --config {out}/config.yaml (only "
-                    "budgets and runtime settings may change) or pick another --out"
-                )
+        folder.refuse_changed_settings(cfg, run_spec(cfg))
     except BaseException:
         folder.close()
         raise
     return folder
+
+
+def run_spec(cfg: Config) -> StageSpec:
+    """:data:`STAGE` with what a run of ``cfg``'s mode also reads.
+
+    A mode that trains in the dream also reads :data:`DREAM_SETTINGS`.
+    """
+    if get_mode(cfg.agent.obs_mode).trains_in != "dream":
+        return STAGE
+    return dataclasses.replace(STAGE, reads=(*STAGE.reads, *DREAM_SETTINGS))
 
 
 class _TensorBoard(TensorBoardOutputFormat):
