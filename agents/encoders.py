@@ -131,8 +131,12 @@ def read_vae_record(run_dir: Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def locate_vae_run(record: dict[str, Any], run_dir: Path) -> Path | None:
-    """The recorded VAE run folder: relative to the agent run first, then the absolute path."""
+def locate_recorded_run(record: dict[str, Any], run_dir: Path) -> Path | None:
+    """The folder of a run an agent run recorded (``vae.json``, ``memory.json``).
+
+    Relative to the agent run first (``relpath``), then the absolute ``path``; ``None`` when
+    neither exists.
+    """
     for candidate in (
         Path(run_dir) / record["relpath"] if record.get("relpath") else None,
         Path(record["path"]) if record.get("path") else None,
@@ -164,7 +168,7 @@ def load_encoder(run_dir: Path, cfg: Config) -> LoadedVAE | None:
         model.load_state_dict(load_checkpoint(run_dir / record["weights_file"])["model"])
         vae = LoadedVAE(model, cfg.model_copy(update={"vae": vae_cfg}))
     else:
-        path = locate_vae_run(record, run_dir)
+        path = locate_recorded_run(record, run_dir)
         if path is None:
             raise UserError(
                 f"{run_dir} was trained on the VAE run {record['path']}, which is gone; "

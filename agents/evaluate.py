@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.evaluation import evaluate_policy
 
-from agents.encoders import load_encoder, locate_vae_run, read_vae_record
+from agents.encoders import load_encoder, locate_recorded_run, read_vae_record
 from agents.memory_obs import load_agent_memory
 from agents.models import agent_device, load_model
 from agents.modes import get_mode
@@ -96,7 +96,7 @@ def _finetune_recon(
     from worldmodel.vae import frames_to_tensor, load_vae
 
     record = read_vae_record(run)
-    path = locate_vae_run(record, run) if record else None
+    path = locate_recorded_run(record, run) if record else None
     extractors = vae_extractors(model.policy)
     if path is None or not extractors or record is None:
         log.warning("no reconstruction in the video: the VAE run of %s is not available", run)

@@ -35,6 +35,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 from stable_baselines3.common.vec_env.stacked_observations import StackedObservations
 
+from agents.encoders import locate_recorded_run
 from agents.modes import MODES, get_mode
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json, read_json
@@ -235,16 +236,6 @@ def read_memory_record(run_dir: Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
-def _locate(record: dict[str, Any], run_dir: Path) -> Path | None:
-    for candidate in (
-        Path(run_dir) / record["relpath"] if record.get("relpath") else None,
-        Path(record["path"]) if record.get("path") else None,
-    ):
-        if candidate is not None and (candidate / "config.yaml").is_file():
-            return candidate
-    return None
-
-
 def load_agent_memory(run_dir: Path, cfg: Config) -> LoadedMemory | None:
     """Rebuild the M of a run's env wrapper from its ``memory.json`` (``None`` without M).
 
@@ -268,7 +259,7 @@ def load_agent_memory(run_dir: Path, cfg: Config) -> LoadedMemory | None:
         memory = LoadedMemory(model, cfg.model_copy(update={"memory": memory_cfg}),
                               record["action_space"])
     else:
-        path = _locate(record, run_dir)
+        path = locate_recorded_run(record, run_dir)
         if path is None:
             raise UserError(
                 f"{run_dir} was trained with the memory run {record['path']}, which is gone; "
