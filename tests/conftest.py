@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 TINY = ["env.image_size=16", "vae.widths=[8, 16]", "vae.latent_dim=4"]
 #: Steps of the session's tiny VAE (``reach16_vae``).
 TINY_VAE_STEPS = 200
+#: Settings of the session's tiny memory model M (``reach16_memory``), on top of :data:`TINY`.
+TINY_MEMORY = [
+    "memory.hidden_size=8", "memory.mixtures=2", "memory.batch_size=2", "memory.seq_len=8",
+    "memory.steps=4", "memory.val_every=2", "memory.log_every=2", "data.val_fraction=0.25",
+    "memory.device=cpu",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +122,18 @@ def make_tiny_vae() -> Callable[..., Path]:
 def reach16_vae(reach16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A :data:`TINY` VAE run trained for :data:`TINY_VAE_STEPS` steps on ``reach16``."""
     return _train_tiny_vae(tmp_path_factory.mktemp("reach16_vae") / "vae", reach16)
+
+
+@pytest.fixture(scope="session")
+def reach16_memory(reach16: Path, reach16_vae: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(vae, memory)``: a copy of ``reach16_vae`` (M caches its latents in it) and a
+    :data:`TINY_MEMORY` M trained on ``reach16`` with it, once per session (read-only)."""
+    import shutil
+
+    from worldmodel import train_memory
+
+    root = tmp_path_factory.mktemp("reach16_memory")
+    vae = Path(shutil.copytree(reach16_vae, root / "vae"))
+    memory = train_memory.run(_tiny_config(*TINY_MEMORY), reach16, vae, root / "memory")
+    return vae, memory

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TINY as CONFTEST_TINY
+from conftest import TINY_MEMORY
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 from agents import train
@@ -23,7 +25,6 @@ from agents.memory_obs import (
 from agents.models import agent_observation_space
 from agents.policy import make_policy
 from envs import make_env, make_vec_env
-from worldmodel import train_memory
 from worldmodel.config import Config, load_run_config, resolve_config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json, read_json
@@ -31,12 +32,7 @@ from worldmodel.memory import LoadedMemory, load_memory
 from worldmodel.pipeline import plan
 from worldmodel.vae import load_vae
 
-TINY = [
-    "env.image_size=16", "vae.widths=[8, 16]", "vae.latent_dim=4",
-    "memory.hidden_size=8", "memory.mixtures=2", "memory.batch_size=2", "memory.seq_len=8",
-    "memory.steps=4", "memory.val_every=2", "memory.log_every=2", "data.val_fraction=0.25",
-    "memory.device=cpu",
-]
+TINY = [*CONFTEST_TINY, *TINY_MEMORY]
 AGENT = [
     "env.n_envs=2", "env.max_episode_steps=12", "agent.timesteps=64", "agent.eval_every=64",
     "agent.eval_episodes=2", "agent.checkpoint_every=64", "agent.device=cpu",
@@ -49,14 +45,15 @@ def _cfg(*extra: str) -> Config:
 
 
 @pytest.fixture(scope="module")
-def vae(reach16_vae: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the session's tiny VAE (train-memory writes its latent cache into it)."""
-    return Path(shutil.copytree(reach16_vae, tmp_path_factory.mktemp("mobs") / "vae"))
+def vae(reach16_memory: tuple[Path, Path]) -> Path:
+    """The session's tiny VAE copy that M was trained with (conftest)."""
+    return reach16_memory[0]
 
 
 @pytest.fixture(scope="module")
-def memory(reach16: Path, vae: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_memory.run(_cfg(), reach16, vae, tmp_path_factory.mktemp("mobs") / "memory")
+def memory(reach16_memory: tuple[Path, Path]) -> Path:
+    """The session's tiny M (conftest's ``TINY_MEMORY``)."""
+    return reach16_memory[1]
 
 
 def _wrapped(cfg: Config, vae: Path, mem: LoadedMemory, n_envs: int = 3) -> VecMemoryObservation:
