@@ -82,12 +82,13 @@ from worldmodel.training import (
     Prefetch,
     RunLog,
     batch_stream,
+    open_trainer_run,
     prefetch_depth,
     progress_bar,
     save_checkpoints,
 )
 from worldmodel.utils import resolve_device, seed_everything
-from worldmodel.vae import LoadedVAE, load_checkpoint, load_vae
+from worldmodel.vae import LoadedVAE, load_vae
 
 if TYPE_CHECKING:
     from worldmodel.dataset import DatasetReader
@@ -550,26 +551,13 @@ def _check_inputs(reader: DatasetReader, vae: LoadedVAE, data: Path, vae_dir: Pa
 def open_run(out: Path, cfg: Config, resume: bool | None, vae_hash: str,
              val_episodes: list[int]) -> tuple[RunFolder, dict[str, Any] | None]:
     """Open the run folder; the checkpoint to resume (refusing other settings or inputs)."""
-    folder = RunFolder.open(out, STAGE.kind, resume=resume, checkpoint="last.pt",
-                            stale=STALE_FILES)
-    try:
-        checkpoint = None
-        folder.refuse_changed_settings(cfg, STAGE)
-        if folder.resume:
-            checkpoint = load_checkpoint(out / "last.pt")
-            if checkpoint.get("vae_hash") != vae_hash:
-                raise UserError(f"cannot resume {out}: it was trained on the latents of other "
-                                "VAE weights; pass the --vae it started with, or start a new run")
-            if list(checkpoint.get("val_episodes", [])) != list(val_episodes):
-                raise UserError(f"cannot resume {out}: its validation episodes differ from this "
-                                "dataset's split (the dataset gained or lost episodes); resume "
-                                "with the dataset the run started on, or start a new run")
-            log.info("resuming %s from step %d", out, checkpoint["step"])
-        folder.save_config(cfg)
-    except BaseException:
-        folder.close()
-        raise
-    return folder, checkpoint
+
+    def same_vae(checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("vae_hash") != vae_hash:
+            raise UserError(f"cannot resume {out}: it was trained on the latents of other "
+                            "VAE weights; pass the --vae it started with, or start a new run")
+
+    return open_trainer_run(out, cfg, STAGE, resume, STALE_FILES, val_episodes, same_vae)
 
 
 def run(cfg: Config, data: Path, vae: Path, out: Path, resume: bool | None = False) -> Path:

@@ -49,6 +49,7 @@ from worldmodel.training import (
     Prefetch,
     RunLog,
     batch_stream,
+    open_trainer_run,
     prefetch_depth,
     progress_bar,
     save_checkpoints,
@@ -60,7 +61,6 @@ from worldmodel.vae import (
     LossTerms,
     build_vae,
     frames_to_tensor,
-    load_checkpoint,
     vae_loss,
 )
 
@@ -178,7 +178,7 @@ def check_dataset(reader: DatasetReader, cfg: Config, data: Path) -> None:
 def open_run(
     out: Path, cfg: Config, resume: bool | None, val_episodes: list[int] | None = None
 ) -> tuple[RunFolder, dict[str, Any] | None]:
-    """Open the run folder (:class:`~worldmodel.runfolder.RunFolder`); the checkpoint to resume.
+    """Open the run folder (:func:`worldmodel.training.open_trainer_run`); the checkpoint.
 
     ``last.pt`` marks a run that can be resumed. A ``best.pt`` without it is what an attempt
     killed while writing its first checkpoint leaves (``best.pt`` is written first): a fresh
@@ -190,36 +190,7 @@ def open_run(
         ``--resume``, or a resume with other ``output`` settings (:data:`STAGE`) or other
         validation episodes than the run was started with.
     """
-    folder = RunFolder.open(out, STAGE.kind, resume=resume, checkpoint="last.pt",
-                            stale=STALE_FILES)
-    try:
-        checkpoint = None
-        folder.refuse_changed_settings(cfg, STAGE)
-        if folder.resume:
-            checkpoint = load_checkpoint(out / "last.pt")
-            _check_val_episodes(out, checkpoint, val_episodes)
-            log.info("resuming %s from step %d", out, checkpoint["step"])
-        folder.save_config(cfg)
-    except BaseException:
-        folder.close()
-        raise
-    return folder, checkpoint
-
-
-def _check_val_episodes(out: Path, checkpoint: dict[str, Any],
-                        val_episodes: list[int] | None) -> None:
-    """Refuse to resume a run whose validation episodes are not this dataset's split."""
-    saved = checkpoint.get("val_episodes")
-    if saved is None or val_episodes is None or list(saved) == list(val_episodes):
-        return  # (checkpoints of older versions did not record them)
-    gone = sorted(set(saved) - set(val_episodes))
-    new = sorted(set(val_episodes) - set(saved))
-    raise UserError(
-        f"cannot resume {out}: its validation episodes differ from this dataset's split "
-        f"({len(gone)} of the run's {len(saved)} are gone, {len(new)} are new; the dataset "
-        "gained or lost episodes), so its losses and data order would not continue; resume "
-        "with the dataset the run started on, or start a new run"
-    )
+    return open_trainer_run(out, cfg, STAGE, resume, STALE_FILES, val_episodes)
 
 
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:

@@ -16,21 +16,29 @@ forward, loss, backward, step, log. What is the same for all of them lives here:
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from worldmodel.errors import UserError
 from worldmodel.io import append_jsonl, atomic_write_text, read_jsonl
+from worldmodel.runfolder import RunFolder
 from worldmodel.utils import LogProgress, progress
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
+
+    from worldmodel.config import Config
+    from worldmodel.stages import StageSpec
+
+log = logging.getLogger("worldmodel")
 
 
 class RunLog:
@@ -178,3 +186,56 @@ def save_checkpoints(out: Path, state: dict[str, Any], improved: bool) -> None:
     if improved:
         save_checkpoint(Path(out) / "best.pt", state)
     save_checkpoint(Path(out) / "last.pt", state)
+
+
+def open_trainer_run(
+    out: Path,
+    cfg: Config,
+    spec: StageSpec,
+    resume: bool | None,
+    stale: Iterable[str],
+    val_episodes: list[int] | None,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[RunFolder, dict[str, Any] | None]:
+    """Open a trainer's run folder on ``last.pt``; the checkpoint to resume, or ``None``.
+
+    The folder is a :class:`~worldmodel.runfolder.RunFolder` of ``spec.kind``: a resume refuses
+    changed ``output`` settings (``spec``) and other validation episodes, and ``check`` may
+    refuse more (other inputs); ``config.yaml`` is written. The folder is closed on error.
+
+    :param stale: files a fresh start removes (an attempt that never wrote ``last.pt``).
+    :param val_episodes: this session's validation episode ids.
+    """
+    from worldmodel.vae import load_checkpoint
+
+    folder = RunFolder.open(out, spec.kind, resume=resume, checkpoint="last.pt", stale=stale)
+    try:
+        checkpoint = None
+        folder.refuse_changed_settings(cfg, spec)
+        if folder.resume:
+            checkpoint = load_checkpoint(Path(out) / "last.pt")
+            check_val_episodes(Path(out), checkpoint, val_episodes)
+            if check is not None:
+                check(checkpoint)
+            log.info("resuming %s from step %d", out, checkpoint["step"])
+        folder.save_config(cfg)
+    except BaseException:
+        folder.close()
+        raise
+    return folder, checkpoint
+
+
+def check_val_episodes(out: Path, checkpoint: dict[str, Any],
+                       val_episodes: list[int] | None) -> None:
+    """Refuse to resume a run whose validation episodes are not this dataset's split."""
+    saved = checkpoint.get("val_episodes")
+    if saved is None or val_episodes is None or list(saved) == list(val_episodes):
+        return  # (checkpoints of older versions did not record them)
+    gone = sorted(set(saved) - set(val_episodes))
+    new = sorted(set(val_episodes) - set(saved))
+    raise UserError(
+        f"cannot resume {out}: its validation episodes differ from this dataset's split "
+        f"({len(gone)} of the run's {len(saved)} are gone, {len(new)} are new; the dataset "
+        "gained or lost episodes), so its losses and data order would not continue; resume "
+        "with the dataset the run started on, or start a new run"
+    )
