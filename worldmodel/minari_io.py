@@ -42,7 +42,6 @@ import inspect
 import json
 import logging
 import shutil
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,8 +51,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worldmodel.dataset import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     DatasetReader,
     Episode,
@@ -412,7 +409,7 @@ def import_minari(dataset_id: str, out: PathLike) -> Path:
     """
     from gymnasium import spaces
 
-    from worldmodel.collect.coordinator import describe_space, library_versions, settings_of
+    from worldmodel.collect.coordinator import describe_space, new_manifest
 
     minari = _minari()
     dataset = _load(minari, dataset_id)
@@ -433,27 +430,13 @@ def import_minari(dataset_id: str, out: PathLike) -> Path:
     source = _source(minari, dataset)
     ours = dataset.storage.metadata.get(METADATA_KEY)
     ours = ours if isinstance(ours, dict) else {}
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "env_id": cfg.env.id,
-        "preprocessing": cfg.env.preprocessing(),
-        "policy": ours.get("policy") or f"minari:{dataset.storage.metadata.get('algorithm_name')}",
-        "seed": ours.get("seed"),
-        "settings": settings_of(cfg),
-        "frame_shape": list(frame_shape),
-        "action_space": describe_space(dataset.action_space),
-        "has_state": False,
-        "layout": layout.to_json(),
-        "compressor": "zstd level 3 with frame checksums, per chunk",
-        "shards": ["w0"],
-        "config": cfg.model_dump(mode="json"),
-        "versions": library_versions(),
-        "runs": [],
-        "target": {"episodes": int(dataset.total_episodes), "frames": None},
-        "source": source,
-    }
+    manifest = new_manifest(
+        cfg, layout, describe_space(dataset.action_space),
+        policy=ours.get("policy") or f"minari:{dataset.storage.metadata.get('algorithm_name')}",
+        seed=ours.get("seed"), shards=["w0"],
+    )
+    manifest["target"] = {"episodes": int(dataset.total_episodes), "frames": None}
+    manifest["source"] = source
     if source["lossy_frames"]:
         log.warning("the Minari dataset %s stores its frames as JPEG: the imported frames carry "
                     "JPEG's losses", dataset_id)

@@ -124,30 +124,40 @@ def _prepare_manifest(cfg: Config, loc: Location, workers: int) -> dict[str, Any
         if not loc.remote and any(p.name != LOCK_NAME for p in Path(loc.url).iterdir()):
             raise UserError(f"{loc} exists and is not a dataset; choose an empty or new --out")
         layout, action_space = _probe(cfg)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "env_id": cfg.env.id,
-            "preprocessing": cfg.env.preprocessing(),
-            "policy": cfg.collect.policy,
-            "seed": cfg.seed,
-            "settings": settings,
-            "frame_shape": list(layout.frame_shape),
-            "action_space": action_space,
-            "has_state": layout.state_shape is not None,
-            "layout": layout.to_json(),
-            "compressor": "zstd level 3 with frame checksums, per chunk",
-            "shards": [],
-            "config": cfg.model_dump(mode="json"),
-            "versions": library_versions(),
-            "runs": [],
-        }
+        manifest = new_manifest(cfg, layout, action_space, policy=cfg.collect.policy,
+                                seed=cfg.seed)
     manifest["target"] = target
     manifest["shards"] = sorted(set(manifest.get("shards", [])) | {f"w{k}" for k in range(workers)},
                                 key=lambda s: int(s[1:]))
     loc.write_json(manifest, MANIFEST)
     return manifest
+
+
+def new_manifest(cfg: Config, layout: Layout, action_space: dict[str, Any], *, policy: str,
+                 seed: int | None, shards: list[str] | None = None) -> dict[str, Any]:
+    """A new dataset's ``manifest.json`` record (the collector's, and Minari imports').
+
+    :param action_space: :func:`describe_space` of the env's action space.
+    """
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "env_id": cfg.env.id,
+        "preprocessing": cfg.env.preprocessing(),
+        "policy": policy,
+        "seed": seed,
+        "settings": settings_of(cfg),
+        "frame_shape": list(layout.frame_shape),
+        "action_space": action_space,
+        "has_state": layout.state_shape is not None,
+        "layout": layout.to_json(),
+        "compressor": "zstd level 3 with frame checksums, per chunk",
+        "shards": shards or [],
+        "config": cfg.model_dump(mode="json"),
+        "versions": library_versions(),
+        "runs": [],
+    }
 
 
 def _check_target(cfg: Config, loc: Location, manifest: dict[str, Any]) -> None:
