@@ -21,7 +21,6 @@ project's ``agent.torch_threads`` default). Run: ``python -m bench.agents`` (abo
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ from agents.hyperparams import parse_hyperparams
 from agents.latent import LatentObservation, VecLatentObservation
 from agents.modes import get_mode
 from agents.wrapping import make_agent_env
-from bench.common import compare, rate, verdict
+from bench.common import compare, rate, torch_bench_args, verdict
 from envs import make_env, make_vec_env
 from worldmodel.config import Config, resolve_config
 from worldmodel.vae import LoadedVAE, build_vae
@@ -127,11 +126,7 @@ def wrapper_case(env: str, n_envs: int, steps: int, seconds: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--quick", action="store_true", help="smaller budgets (a smoke test)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = torch_bench_args(__doc__)
     q = 4 if args.quick else 1
     print(f"torch threads: {torch.get_num_threads()}, cores: {os.cpu_count()}")
     print(f"\n{'PPO learn(), 8 envs, env steps/s':34s} {'pixel':>11s} {'latent':>12s} "

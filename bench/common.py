@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -32,3 +33,15 @@ def verdict(ratio: float, target: float, higher_is_better: bool = True) -> str:
     """``PASS``/``MISS`` against a target ratio."""
     ok = ratio >= target if higher_is_better else ratio <= target
     return "PASS" if ok else "MISS"
+
+
+def torch_bench_args(doc: str | None) -> argparse.Namespace:
+    """``--threads`` (torch intra-op threads, default 1, applied) and ``--quick`` (a smoke run)."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--quick", action="store_true", help="smaller budgets (a smoke test)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

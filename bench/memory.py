@@ -21,7 +21,6 @@ numbers are only as good as the machine is idle.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import numpy as np
 import torch
 
-from bench.common import rate, verdict
+from bench.common import rate, torch_bench_args, verdict
 from worldmodel.config import Config, resolve_config
 from worldmodel.dream import DreamVecEnv
 from worldmodel.memory import LoadedMemory, build_memory
@@ -241,11 +240,7 @@ def ppo_dream_vs_real(n_envs: int, steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--quick", action="store_true", help="smaller budgets (a smoke test)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = torch_bench_args(__doc__)
     setup_logging(-1)
     logging.getLogger("worldmodel").setLevel(logging.ERROR)  # short runs warn, by design
     q = 4 if args.quick else 1
