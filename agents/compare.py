@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from agents.modes import MODE_NAMES, get_mode, report_rank
+from agents.modes import MODE_NAMES, report_rank
+from agents.train import DREAM_SETTINGS, run_spec
 from agents.train import STAGE as TRAIN_STAGE
 from worldmodel.collect import STAGE as COLLECT_STAGE
 from worldmodel.config import CompareConfig, Config, load_run_config
 from worldmodel.errors import RunNotFoundError, UserError
 from worldmodel.io import atomic_write, atomic_write_json, atomic_write_text, read_json
 from worldmodel.runfolder import RunFolder, check_kind, require_kind
-from worldmodel.stages import StageSpec, defining_keys
-from worldmodel.stages import settings as stage_settings
+from worldmodel.stages import StageSpec, config_values, defining_keys
 
 log = logging.getLogger(__name__)
 
@@ -243,13 +243,10 @@ def check_distinct(runs: Sequence[AgentRun]) -> None:
 
 def _run_settings(run: AgentRun) -> dict[str, Any]:
     """The run's settings as ``{dotted.key: repr(value)}``, plus ``vae`` for a trained encoder."""
-    keys = defining_keys(TRAIN_STAGE)
-    settings = {key: repr(value) for key, value in
-                stage_settings(run.config, StageSpec("", "", tuple(keys)), "output", "budget",
-                               "runtime").items()}
-    if run.config.agent.obs_mode in MODE_NAMES and get_mode(
-            run.config.agent.obs_mode).trains_in == "dream":  # the dream's temperature
-        settings["memory.temperature"] = repr(run.config.memory.temperature)
+    # what a run of its mode reads (a dream also reads its temperature: agents.train.run_spec)
+    spec = run_spec(run.config) if run.config.agent.obs_mode in MODE_NAMES else TRAIN_STAGE
+    keys = defining_keys(spec)
+    settings = {key: repr(value) for key, value in config_values(run.config, keys).items()}
     if run.vae and run.vae.get("kind") == "vae" and run.vae.get("weights_hash"):
         settings["vae"] = str(run.vae["weights_hash"])[:12]
     memory_file = run.path / "memory.json"  # agents on a trained M: never pooled across Ms
@@ -271,8 +268,8 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
         differently (greedy vs sampled actions).
     """
     # the env settings that define the game and its frames: the output keys collect reads
-    game = StageSpec("", "", tuple(k for k in COLLECT_STAGE.keys() if k.startswith("env.")))
-    envs = {json.dumps(stage_settings(r.config, game, "output"), sort_keys=True) for r in runs}
+    game = [k for k in COLLECT_STAGE.keys() if k.startswith("env.")]
+    envs = {json.dumps(config_values(r.config, game), sort_keys=True) for r in runs}
     if len(envs) > 1:
         ids = sorted({f"{r.config.env.id} ({r.path})" for r in runs})
         raise UserError(f"runs come from different envs or preprocessing: {', '.join(ids)}")
@@ -283,7 +280,7 @@ def group_runs(runs: Sequence[AgentRun]) -> list[Group]:
             f"{', '.join(greedy)}): re-run `worldmodel evaluate` on them with the same flag"
         )
     flat = [_run_settings(r) for r in runs]
-    defining = [*defining_keys(TRAIN_STAGE), "memory.temperature", "vae", "memory"]
+    defining = [*defining_keys(TRAIN_STAGE), *DREAM_SETTINGS, "vae", "memory"]
     differing = [
         k for k in defining
         if len({f[k] for f in flat if k in f}) > 1 and k != "agent.obs_mode"

@@ -50,7 +50,7 @@ from worldmodel.config import Config, validate_config
 from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json, read_json
 from worldmodel.runfolder import RunFolder
-from worldmodel.stages import StageSpec, budget_grew, settings, stage_key
+from worldmodel.stages import StageSpec, budget_grew, config_values, settings, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ def plan(cfg: Config) -> list[PlannedRun]:
 
 
 def _switched_on(cfg: Config, spec: StageSpec) -> bool:
-    return spec.switch is None or bool(
-        settings(cfg, _switch_spec(spec), "output").get(spec.switch))
+    return spec.switch is None or bool(config_values(cfg, [spec.switch])[spec.switch])
 
 
 def _demanded(cfg: Config, name: str, specs: list[StageSpec]) -> bool:
@@ -123,11 +122,6 @@ def _demanded(cfg: Config, name: str, specs: list[StageSpec]) -> bool:
         elif name in spec.needs:
             return True
     return False
-
-
-def _switch_spec(spec: StageSpec) -> StageSpec:
-    assert spec.switch is not None
-    return StageSpec(spec.name, spec.kind, reads=(spec.switch,))
 
 
 def _plan_stage(
@@ -144,7 +138,7 @@ def _plan_stage(
     for v in spec.variants(cfg):
         inputs = {n: done[n] for n in v.needs}
         out.append(_planned(spec, f"{spec.folder}/{v.name}", v.config, inputs, v.keyed_on,
-                            extra=settings(v.config, StageSpec("", "", v.reads_from), "output")))
+                            extra=config_values(v.config, v.reads_from)))
     return out
 
 
@@ -270,10 +264,6 @@ def _worker_init(parent_pid: int, threads: int, level: int) -> None:
     setup_logging({logging.WARNING: -1, logging.INFO: 0}.get(level, 1))
 
 
-def _execute_in_worker(root: str, run: PlannedRun) -> str:
-    return execute(root, run)
-
-
 def _run_parallel(cfg: Config, root: Path, runs: list[PlannedRun]) -> None:
     pending = [r for r in runs if not is_done(root, r)]
     log.info("[pipeline] %s: %d to run, %d up to date", runs[0].stage, len(pending),
@@ -294,7 +284,7 @@ def _run_parallel(cfg: Config, root: Path, runs: list[PlannedRun]) -> None:
                              initargs=(os.getpid(), threads,
                                        logging.getLogger("worldmodel").getEffectiveLevel()),
                              ) as pool:
-        futures = [pool.submit(_execute_in_worker, str(root), r) for r in pending]
+        futures = [pool.submit(execute, str(root), r) for r in pending]
         for future in as_completed(futures):
             log.info("[pipeline] finished: %s", future.result())
 
@@ -306,7 +296,7 @@ def _run_ray(cfg: Config, root: Path, runs: list[PlannedRun]) -> None:
         raise UserError('pipeline.backend=ray needs Ray: pip install "worldmodel[ray]"') from e
     if not ray.is_initialized():
         ray.init(address=cfg.collect.ray_address, include_dashboard=False)
-    task = ray.remote(num_cpus=1)(_execute_in_worker)
+    task = ray.remote(num_cpus=1)(execute)
     for done in ray.get([task.remote(str(root), r) for r in runs]):
         log.info("[pipeline] finished: %s", done)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from envs.config import Effect, Section, field_effect
-from worldmodel.config import Config, flatten_dotted
+from worldmodel.config import Config
 
 #: A stage's uniform entry point: ``run(cfg, out, inputs, resume) -> out``. ``inputs`` maps each
 #: stage named in ``needs`` to the run folder(s) it wrote (a list for fanned-out stages);
@@ -130,17 +130,21 @@ def config_effects(model: type[Section] = Config, prefix: str = "") -> dict[str,
     return out
 
 
-def _values(cfg: Config, keys: Sequence[str]) -> dict[str, Any]:
-    flat = flatten_dotted(cfg.model_dump(mode="json"))
-    out = {}
+def config_values(cfg: Config, keys: Sequence[str]) -> dict[str, Any]:
+    """``{dotted.key: value}`` of ``cfg`` for ``keys`` (a leaf may be a whole mapping).
+
+    Example:
+        >>> from worldmodel.config import resolve_config
+        >>> config_values(resolve_config(None), ["vae.lr", "env.kwargs"])
+        {'vae.lr': 0.001, 'env.kwargs': {}}
+    """
+    data = cfg.model_dump(mode="json")
+    out: dict[str, Any] = {}
     for key in keys:
-        if key in flat:
-            out[key] = flat[key]
-        else:  # a section kept whole (env.crop) or an empty mapping
-            value: Any = cfg.model_dump(mode="json")
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
-            out[key] = value
+        value: Any = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[key] = value
     return out
 
 
@@ -148,7 +152,7 @@ def settings(cfg: Config, spec: StageSpec, *effects: Effect) -> dict[str, Any]:
     """``{dotted.key: value}`` of the keys ``spec`` reads whose effect is one of ``effects``."""
     table = config_effects()
     keys = [k for k in spec.keys() if table[k] in effects]
-    return _values(cfg, keys)
+    return config_values(cfg, keys)
 
 
 def stage_key(cfg: Config, spec: StageSpec, *parents: str) -> str:
