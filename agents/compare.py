@@ -6,17 +6,26 @@ are summarised with rliable (Agarwal et al., 2021): IQM, mean and median with st
 confidence intervals, and the probability of improvement between groups. A random-policy baseline,
 evaluated on the same env and episode seeds, is always included: its "runs" are its episodes.
 
+Agents trained in M's dream (their mode's ``trains_in``) also get their *dream return*, the
+return they reached inside the dream (SB3's ``rollout/ep_rew_mean`` in their ``progress*.csv``),
+summarised like the real one, and their temperature tau, next to the real return: World Models'
+dream-vs-real table.
+
 Outputs in the report folder: ``report.md`` (a one-line verdict, tables, plots), ``report.json``
-(every number), ``return_vs_steps.png``, ``return_vs_seconds.png``, ``final_scores.png``,
-``steps_per_second.png``.
+(every number), ``return_vs_steps.png``, ``return_vs_seconds.png``, ``return_vs_real_steps.png``
+(sample efficiency: return against the real env steps consumed), ``final_scores.png``,
+``steps_per_second.png``. Runs are named by their path relative to the report folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
+import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.modes import MODE_NAMES, report_rank
+from agents.modes import MODE_NAMES, get_mode, report_rank
 from agents.train import DREAM_SETTINGS, run_spec
 from agents.train import STAGE as TRAIN_STAGE
 from worldmodel.collect import STAGE as COLLECT_STAGE
@@ -39,6 +48,10 @@ log = logging.getLogger(__name__)
 
 RANDOM = "random policy"
 METRICS = ("IQM", "mean", "median")
+#: SB3's mean return of the last (up to 100) training episodes, in ``progress*.csv``.
+DREAM_RETURN_KEY = "rollout/ep_rew_mean"
+
+
 @dataclass
 class AgentRun:
     """What compare needs from one agent run folder.
@@ -49,6 +62,8 @@ class AgentRun:
     :param curve: ``(K,)`` mean return of each periodic evaluation.
     :param real_env_steps: the real env steps the agent consumed: the steps it trained on, or
         for an agent trained in M's dream the frames of M's dataset (``summary.json``).
+    :param dream_return: for an agent trained in M's dream, the mean return of its last
+        training episodes in the dream (:func:`read_dream_return`); ``None`` otherwise.
     """
 
     path: Path
@@ -63,11 +78,56 @@ class AgentRun:
     vae: dict[str, Any] | None = None
     group: str = ""
     real_env_steps: int | None = None
+    dream_return: float | None = None
 
     @property
     def score(self) -> float:
         """The run's score: the mean return of its final evaluation."""
         return float(np.mean(self.final_returns))
+
+    @property
+    def in_dream(self) -> bool:
+        """The run's mode trains in M's dream (its row's ``trains_in``)."""
+        return trains_in_dream(self.config)
+
+
+def trains_in_dream(cfg: Config) -> bool:
+    """``cfg``'s observation mode trains in M's dream (unknown modes do not)."""
+    mode = cfg.agent.obs_mode
+    return mode in MODE_NAMES and get_mode(mode).trains_in == "dream"
+
+
+_PROGRESS = re.compile(r"progress(?:_(\d+))?\.csv")
+
+
+def read_dream_return(path: Path) -> float | None:
+    """The return an agent last reached in training: :data:`DREAM_RETURN_KEY` of its run.
+
+    SB3 logs it to ``progress.csv`` (``progress_<n>.csv`` for the n-th resumed session) after
+    each rollout in which episodes ended: the mean return of the last 100 of them. The last
+    value of the last session that logged one is returned; ``None`` when no episode ended (or
+    there is no log). Unreadable values (a torn last row) are skipped.
+    """
+    sessions = []
+    for file in Path(path).glob("progress*.csv"):
+        match = _PROGRESS.fullmatch(file.name)
+        if match and file.is_file():
+            sessions.append((int(match.group(1) or 0), file))
+    value = None
+    for _, file in sorted(sessions):
+        try:
+            with open(file, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise _corrupt(file, f"unreadable: {e}") from None
+        for row in rows:
+            try:
+                number = float(row.get(DREAM_RETURN_KEY) or "nan")
+            except ValueError:
+                continue
+            if np.isfinite(number):
+                value = number
+    return value
 
 
 @dataclass
@@ -209,10 +269,11 @@ def load_agent_run(path: Path) -> AgentRun:
     sps = sps or float(steps[-1] / max(seconds[-1], 1e-9))
     vae_file = path / "vae.json"
     vae = _read_json_file(vae_file) if vae_file.is_file() else None
-    real = summary.get("real_env_steps_collected", summary.get("real_env_steps", steps[-1]))
+    real = summary.get("real_env_steps_collected", summary.get("real_env_steps", int(steps[-1])))
     real = int(real) if _is_number(real) else None
+    dream = read_dream_return(path) if trains_in_dream(config) else None
     return AgentRun(path, config, returns, steps, seconds, curve, float(sps), eval_seed,
-                    deterministic, vae, real_env_steps=real)
+                    deterministic, vae, real_env_steps=real, dream_return=dream)
 
 
 def _fingerprint(run: AgentRun) -> str:
@@ -438,18 +499,27 @@ def _curve_estimates(
 def _plot_curves(
     groups: list[Group], x_of: Callable[[Group], tuple[np.ndarray, np.ndarray]],
     xlabel: str, out: Path, cfg: CompareConfig, baseline: float,
+    marks: Mapping[str, tuple[float, Sequence[float]]] | None = None,
 ) -> None:
+    """IQM return curves of ``groups`` (x and returns from ``x_of``) with their CI bands.
+
+    :param marks: more groups, each drawn as one point ``(x, [IQM, low, high])`` with its CI
+        as an error bar (an arm whose x does not move, e.g. the real steps of a dream agent).
+    """
     import matplotlib.pyplot as plt
 
     xs, curves = {}, {}
     for g in groups:
         xs[g.name], curves[g.name] = x_of(g)
-    points, intervals = _curve_estimates(curves, cfg)
+    points, intervals = _curve_estimates(curves, cfg) if curves else ({}, {})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for g in groups:
         (line,) = ax.plot(xs[g.name], points[g.name], label=g.name, linewidth=2)
         ax.fill_between(xs[g.name], intervals[g.name][0], intervals[g.name][1],
                         color=line.get_color(), alpha=0.2)
+    for name, (x, (point, low, high)) in (marks or {}).items():
+        ax.errorbar([x], [point], yerr=[[point - low], [high - point]], fmt="o", capsize=5,
+                    markersize=7, label=name)
     ax.axhline(baseline, color="grey", linestyle="--", label=RANDOM)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"IQM return ({cfg.confidence:.0%} CI)")
@@ -571,10 +641,31 @@ def write_report(
     _plot_curves(groups, _common_curve, "env steps", out / "return_vs_steps.png", cfg, base_mean)
     _plot_curves(groups, _time_curve, "wall-clock seconds of training",
                  out / "return_vs_seconds.png", cfg, base_mean)
+    # sample efficiency: real-env arms along the env steps they trained on; arms trained in the
+    # dream as their final score at the real frames M's dataset cost
+    dream_marks = {}
+    for g in (g for g in groups if _in_dream(g)):
+        steps = _real_steps(g)
+        if steps is not None:
+            dream_marks[g.name] = (float(steps), stats[g.name]["IQM"])
+    _plot_curves([g for g in groups if not _in_dream(g)], _common_curve,
+                 "real env steps consumed", out / "return_vs_real_steps.png", cfg, base_mean,
+                 marks=dream_marks)
     _plot_final(stats, out / "final_scores.png", cfg)
     _plot_speed(groups, out / "steps_per_second.png")
+    dream_scores = {g.name: _dream_scores(g) for g in groups if _in_dream(g)}
+    dream_scores = {name: scores for name, scores in dream_scores.items() if len(scores)}
+    dream_stats = aggregate(dream_scores, cfg) if dream_scores else {}
     runs = [r for g in groups for r in g.runs]
     vae = _vae_summary(runs)
+    if vae is not None:  # named relative to the report, as the runs are
+        for key in ("path", "architecture_from"):
+            if vae.get(key):
+                vae[key] = relative_path(vae[key], out)
+        dataset = vae.get("summary", {}).get("dataset") if isinstance(
+            vae.get("summary"), dict) else None
+        if isinstance(dataset, dict) and os.path.isabs(str(dataset.get("path", ""))):
+            dataset["path"] = relative_path(dataset["path"], out)
     first = runs[0].config
     report = {
         "env": first.env.id,
@@ -582,11 +673,15 @@ def write_report(
         "bootstrap_reps": cfg.bootstrap_reps,
         "groups": {
             g.name: {
-                "runs": [str(r.path) for r in g.runs],
+                "runs": [relative_path(r.path, out) for r in g.runs],
                 "seeds": [r.config.seed for r in g.runs],
                 "scores": g.scores[:, 0].tolist(),
                 "timesteps": int(max(r.steps[-1] for r in g.runs)),
                 "real_env_steps": _real_steps(g),
+                "trains_in": "dream" if _in_dream(g) else "real",
+                "tau": g.runs[0].config.memory.temperature if _in_dream(g) else None,
+                "dream_returns": [r.dream_return for r in g.runs] if _in_dream(g) else None,
+                "dream_return": dream_stats.get(g.name),
                 "steps_per_second": float(np.mean([r.steps_per_second for r in g.runs])),
                 "train_seconds": float(np.mean([r.seconds[-1] for r in g.runs])),
                 **stats[g.name],
@@ -601,6 +696,30 @@ def write_report(
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", _markdown(report, stats, improvement, groups, cfg))
     return report
+
+
+def relative_path(path: str | os.PathLike[str], out: Path) -> str:
+    """``path`` as the report folder ``out`` names it: relative to ``out`` when possible.
+
+    A relative ``path`` is taken from the working directory, as the command line gives it;
+    where no relative path exists (another drive on Windows) it stays absolute.
+    """
+    target = Path(path).resolve()
+    try:
+        return os.path.relpath(target, Path(out).resolve())
+    except ValueError:
+        return str(target)
+
+
+def _in_dream(group: Group) -> bool:
+    """The group's runs trained in M's dream (a group has one observation mode)."""
+    return group.runs[0].in_dream
+
+
+def _dream_scores(group: Group) -> np.ndarray:
+    """``(runs, 1)`` dream returns of the group's runs that logged one (``(0, 1)``: none)."""
+    values = [r.dream_return for r in group.runs if r.in_dream and r.dream_return is not None]
+    return np.array(values, dtype=np.float64).reshape(-1, 1)
 
 
 def _real_steps(group: Group) -> int | None:
@@ -623,26 +742,39 @@ def _markdown(
         f"aggregated over seeds with rliable ({ci}, stratified bootstrap, "
         f"{cfg.bootstrap_reps} resamples). The random policy's runs are its "
         f"{report['random_baseline']['episodes']} episodes on the same env and episode seeds.",
-        "",
-        f"| group | runs | env steps | real env steps | IQM [{ci}] | mean [{ci}] | "
-        f"median [{ci}] | train env steps/s | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    dream = any(_in_dream(g) for g in groups)  # the tau and dream-return columns
+    if dream:
+        lines += [
+            "",
+            "Arms trained in M's dream at temperature tau are scored in the real env like the "
+            "others; their dream return is the mean return of their last training episodes "
+            f"inside the dream (SB3's `{DREAM_RETURN_KEY}`), aggregated over seeds the same way.",
+        ]
+    columns = ["group", "runs", *(["tau"] if dream else []), "env steps", "real env steps",
+               *([f"dream return IQM [{ci}]"] if dream else []), f"IQM [{ci}]", f"mean [{ci}]",
+               f"median [{ci}]", "train env steps/s", "train s"]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for g in groups:
         info = report["groups"][g.name]
-        lines.append(
-            f"| {g.name} | {len(g.runs)} (seeds {', '.join(map(str, info['seeds']))}) | "
-            f"{info['timesteps']:,} | "
-            f"{'?' if info['real_env_steps'] is None else format(info['real_env_steps'], ',')} | "
-            f"{_fmt(stats[g.name]['IQM'])} | "
-            f"{_fmt(stats[g.name]['mean'])} | {_fmt(stats[g.name]['median'])} | "
-            f"{info['steps_per_second']:.0f} | {info['train_seconds']:.0f} |"
-        )
-    lines.append(
-        f"| {RANDOM} | {report['random_baseline']['episodes']} episodes | - | - | "
-        f"{_fmt(stats[RANDOM]['IQM'])} | {_fmt(stats[RANDOM]['mean'])} | "
-        f"{_fmt(stats[RANDOM]['median'])} | - | - |"
-    )
+        tau, dream_return = info["tau"], info["dream_return"]
+        real = info["real_env_steps"]
+        lines.append("| " + " | ".join([
+            g.name, f"{len(g.runs)} (seeds {', '.join(map(str, info['seeds']))})",
+            *([f"{tau:g}" if tau is not None else ""] if dream else []),
+            f"{info['timesteps']:,}", "?" if real is None else f"{real:,}",
+            *([_fmt(dream_return["IQM"]) if dream_return else "?" if _in_dream(g) else ""]
+              if dream else []),
+            _fmt(stats[g.name]["IQM"]), _fmt(stats[g.name]["mean"]),
+            _fmt(stats[g.name]["median"]),
+            f"{info['steps_per_second']:.0f}", f"{info['train_seconds']:.0f}",
+        ]) + " |")
+    lines.append("| " + " | ".join([
+        RANDOM, f"{report['random_baseline']['episodes']} episodes",
+        *(["-"] if dream else []), "-", "-", *(["-"] if dream else []),
+        _fmt(stats[RANDOM]["IQM"]), _fmt(stats[RANDOM]["mean"]), _fmt(stats[RANDOM]["median"]),
+        "-", "-",
+    ]) + " |")
     lines += ["", "## Verdict", "", *_verdicts(stats)]
     if improvement:
         lines += ["", "## Probability of improvement", "", f"| pair | P(X > Y) [{ci}] |",
@@ -654,10 +786,14 @@ def _markdown(
                   f"- weights sha256: `{report['vae'].get('weights_hash', '?')}`"]
         if r2 is not None:
             lines.append(f"- linear-probe R^2 of the true state (held-out episodes): {r2:.3f}")
+    lines += ["", "## Runs", "", "Run folders, relative to this report's folder.", ""]
+    lines += [f"- **{name}**: " + ", ".join(f"`{run}`" for run in info["runs"])
+              for name, info in report["groups"].items()]
     lines += [
         "", "## Plots", "",
         "![return vs env steps](return_vs_steps.png)", "",
         "![return vs wall-clock](return_vs_seconds.png)", "",
+        "![return vs real env steps](return_vs_real_steps.png)", "",
         "![final scores](final_scores.png)", "",
         "![env steps per second](steps_per_second.png)", "",
     ]

@@ -163,3 +163,95 @@ def test_missing_eval_log_is_a_clear_error(tmp_path: Path) -> None:
         compare.run([a], tmp_path / "out", FAST)
     with pytest.raises(UserError, match="not found"):
         compare.run([tmp_path / "nope"], tmp_path / "out", FAST)
+
+
+def fake_dream_run(root: Path, name: str, seed: int, tau: float, final: np.ndarray,
+                   dream_returns: list[float], collected: int = 777) -> Path:
+    """A ``dream`` run at ``tau``: summary as train-agent writes it, ``dream_returns`` as the
+    successive ``rollout/ep_rew_mean`` values of its ``progress.csv``."""
+    path = fake_run(root, name, "dream", seed, final, [0.0, float(final.mean())],
+                    (f"memory.temperature={tau}",))
+    (path / "summary.json").write_text(json.dumps({
+        "steps_per_second": 500.0, "timesteps": 2000, "real_env_steps": 0,
+        "dream_env_steps": 2000, "real_env_steps_collected": collected, "dream_tau": tau}))
+    write_progress(path / "progress.csv", dream_returns)
+    return path
+
+
+def write_progress(file: Path, dream_returns: list[float | None]) -> None:
+    """SB3's CSV log: rollout rows (blank ep_rew_mean before an episode ended), eval rows."""
+    lines = ["eval/mean_reward,rollout/ep_rew_mean,time/total_timesteps"]
+    for k, value in enumerate(dream_returns):
+        lines.append(f",{'' if value is None else value},{64 * (k + 1)}")
+        lines.append(f"-3.5,,{64 * (k + 1)}")  # an evaluation row: no rollout values
+    file.write_text("\n".join(lines) + "\n")
+
+
+def test_dream_return_is_the_last_logged_of_the_last_session(tmp_path: Path) -> None:
+    write_progress(tmp_path / "progress.csv", [None, 1.5, 2.5])
+    assert compare.read_dream_return(tmp_path) == 2.5
+    write_progress(tmp_path / "progress_2.csv", [4.0])
+    write_progress(tmp_path / "progress_10.csv", [3.0, None])  # the 10th session comes last
+    assert compare.read_dream_return(tmp_path) == 3.0
+    write_progress(tmp_path / "progress_11.csv", [None])  # a session in which no episode ended
+    assert compare.read_dream_return(tmp_path) == 3.0
+    assert compare.read_dream_return(tmp_path / "nothing") is None
+
+
+def test_report_puts_dream_return_and_tau_beside_the_real_return(tmp_path: Path) -> None:
+    runs = [
+        fake_dream_run(tmp_path / "runs", "d05s0", 0, 0.5, np.full(4, -1.0), [0.5, 2.0]),
+        fake_dream_run(tmp_path / "runs", "d05s1", 1, 0.5, np.full(4, -0.5), [1.0, 3.0]),
+        fake_dream_run(tmp_path / "runs", "d15s0", 0, 1.5, np.full(4, 0.25), [None, -1.0]),
+        fake_run(tmp_path / "runs", "latent0", "latent", 0, np.full(4, 0.75), [0.0, 0.5]),
+    ]
+    out = compare.run(runs, tmp_path / "report", FAST)
+    groups = read_json(out / "report.json")["groups"]
+    low, high = groups["dream (memory.temperature=0.5)"], groups["dream (memory.temperature=1.5)"]
+    assert (low["tau"], high["tau"], groups["latent"]["tau"]) == (0.5, 1.5, None)
+    assert low["dream_returns"] == [2.0, 3.0] and high["dream_returns"] == [-1.0]
+    assert low["dream_return"]["mean"][0] == pytest.approx(2.5)  # in the dream ...
+    assert low["IQM"][0] == pytest.approx(-0.75)  # ... and in the real env
+    assert high["dream_return"]["IQM"] == pytest.approx([-1.0, -1.0, -1.0])
+    assert groups["latent"]["dream_return"] is None and groups["latent"]["dream_returns"] is None
+    assert (low["real_env_steps"], groups["latent"]["real_env_steps"]) == (777, 2000)
+    md = (out / "report.md").read_text()
+    assert ("| group | runs | tau | env steps | real env steps | dream return IQM [95% CI] | "
+            "IQM [95% CI] |") in md
+    assert ("| dream (memory.temperature=0.5) | 2 (seeds 0, 1) | 0.5 | 2,000 | 777 | "
+            f"{_iqm_text(low['dream_return']['IQM'])} | {_iqm_text(low['IQM'])} |") in md
+    assert "| latent | 1 (seeds 0) |  | 2,000 | 2,000 |  | " in md
+    assert "| random policy | 10 episodes | - | - | - | - | " in md
+    assert "![return vs real env steps](return_vs_real_steps.png)" in md
+    data = (out / "return_vs_real_steps.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_real_only_reports_have_no_dream_columns(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "a", "latent", 0, np.zeros(2), [0.0])
+    md = (compare.run([run], tmp_path / "report", FAST) / "report.md").read_text()
+    assert "| group | runs | env steps | real env steps | IQM [95% CI] |" in md
+    assert "tau" not in md and "dream" not in md
+    assert (tmp_path / "report" / "return_vs_real_steps.png").is_file()
+
+
+def test_report_names_runs_relative_to_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    a = fake_run(tmp_path / "runs", "a", "latent", 0, np.zeros(2), [0.0])
+    (tmp_path / "vae").mkdir()
+    (a / "vae.json").write_text(json.dumps({"kind": "vae", "path": str(tmp_path / "vae"),
+                                            "weights_hash": "ab12"}))
+    b = fake_run(tmp_path / "runs", "b", "latent", 1, np.ones(2), [0.0])
+    # one run given by its absolute path, one relative to the working directory
+    out = compare.run([a, Path("runs/b")], Path("reports/first"), FAST)
+    report = read_json(out / "report.json")
+    assert report["groups"]["latent"]["runs"] == ["../../runs/a", "../../runs/b"]
+    assert report["vae"]["path"] == "../../vae"
+    md = (out / "report.md").read_text()
+    assert "- **latent**: `../../runs/a`, `../../runs/b`" in md
+    assert "- run: `../../vae`" in md
+    for text in (md, (out / "report.json").read_text()):
+        assert str(tmp_path) not in text
+    assert b.is_dir()
