@@ -161,6 +161,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return _done(result / "report.md", "report")
 
 
+def _cmd_sweep_temperature(args: argparse.Namespace) -> int:
+    cfg = _config(args, builds_env=True)
+    out = _stage("agents.sweep", 17).run(cfg, Path(args.vae), Path(args.memory), args.taus,
+                                         _out(args, cfg, "sweep-temperature"), seeds=args.seeds)
+    return _done(out / "report.md", "report")
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = _config(args, builds_env=True)
     out = _stage("worldmodel.pipeline", 7).run(cfg, _out(args, cfg, "pipeline"))
@@ -266,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="Agent run folders.")
     _add_config_args(p, "Report folder.")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep-temperature",
+                       help="Dream agents per temperature tau: dream vs real return.")
+    _add_config_args(p, "Sweep folder (OUT/tau-T/seed-S runs, OUT/report; re-run to resume).")
+    p.add_argument("--vae", required=True, metavar="VAE_RUN", help="VAE run M was trained on.")
+    p.add_argument("--memory", required=True, metavar="MEMORY_RUN", help="Memory run M.")
+    p.add_argument("--taus", required=True, nargs="+", type=float, metavar="TAU",
+                   help="Dream temperatures (> 0).")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="Seeds per temperature (default: pipeline.seeds).")
+    p.set_defaults(func=_cmd_sweep_temperature)
 
     p = sub.add_parser("pipeline", help="collect -> train-vae -> train-agent -> compare.")
     _add_config_args(p, "Pipeline folder (re-run to resume; unchanged stages are skipped).")
