@@ -22,6 +22,9 @@ before the start of an episode -- exactly what SB3's ``VecFrameStack`` does with
 use SB3's ``StackedObservations``), so pixel and latent agents see the same history.
 
 ``latent="mean"`` observes ``mu``; ``"sample"`` draws ``mu + sigma * eps`` each step.
+
+``stats`` (:class:`~agents.features.FeatureStats`, ``agent.standardize``) standardises each
+latent per dimension before it is stacked.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from stable_baselines3.common.vec_env.stacked_observations import StackedObserva
 from worldmodel.errors import UserError
 
 if TYPE_CHECKING:
+    from agents.features import FeatureStats
     from worldmodel.vae import LoadedVAE
 
 LatentMode = Literal["mean", "sample"]
@@ -205,9 +209,11 @@ class VecLatentObservation(VecEnvWrapper):
     :param latent: ``mean`` or ``sample``.
     :param checkpoint: which checkpoint of the VAE run.
     :param device: where the encoder runs.
+    :param stats: standardise each latent with these ``(Z,)`` statistics before stacking
+        (``None``: raw latents).
 
-    Attributes ``frames`` (the last raw frames, ``(n, H, W, C)``) and ``latents`` (their latents,
-    ``(n, Z)``) are kept for videos and debugging.
+    Attributes ``frames`` (the last raw frames, ``(n, H, W, C)``) and ``latents`` (their raw
+    latents, ``(n, Z)``) are kept for videos and debugging.
     """
 
     def __init__(
@@ -218,11 +224,15 @@ class VecLatentObservation(VecEnvWrapper):
         latent: LatentMode = "mean",
         checkpoint: Literal["best", "last"] = "best",
         device: str = "cpu",
+        stats: FeatureStats | None = None,
     ) -> None:
         _check_args(history, latent)
         vae = get_vae(vae_run, checkpoint, device)
         if venv.observation_space.shape != vae.image_shape:
             raise _shape_error(venv.observation_space.shape, vae, "VecLatentObservation")
+        if stats is not None:
+            stats.check(vae.latent_dim, "VecLatentObservation")
+        self.stats = stats
         self.vae = vae
         self.history = history
         self.latent: LatentMode = latent
@@ -237,13 +247,17 @@ class VecLatentObservation(VecEnvWrapper):
         """Frames ``uint8 (N, H, W, C)`` -> latents ``(N, Z)`` float32, one forward pass."""
         return self.vae.encode(frames, mode=self.latent, batch_size=max(256, len(frames)))
 
+    def _features(self, z: np.ndarray) -> np.ndarray:
+        """Latents ``(N, Z)`` -> what one step shows the policy: standardised with ``stats``."""
+        return z if self.stats is None else self.stats.apply(z)
+
     def reset(self) -> np.ndarray:
         """Reset all envs and histories; return ``(n, history * Z)`` float32."""
         frames = self.venv.reset()
         assert isinstance(frames, np.ndarray)
         self.frames = frames
         self.latents = self.encode(frames)
-        return self._stack.reset(self.latents).copy()
+        return self._stack.reset(self._features(self.latents)).copy()
 
     def step_wait(self) -> VecEnvStepReturn:
         """Step all envs; encode new and terminal frames together."""
@@ -256,9 +270,10 @@ class VecLatentObservation(VecEnvWrapper):
             terminal = np.stack([infos[i]["terminal_observation"] for i in ended])
             batch = np.concatenate([frames, terminal])
         z = self.encode(batch)
+        features = self._features(z)
         for j, i in enumerate(ended):
-            infos[i]["terminal_observation"] = z[n + j]
+            infos[i]["terminal_observation"] = features[n + j]
         self.frames = frames
         self.latents = z[:n]
-        stacked, infos = self._stack.update(self.latents, dones, infos)
+        stacked, infos = self._stack.update(features[:n], dones, infos)
         return stacked.copy(), rewards, dones, infos

@@ -12,7 +12,9 @@ encoding of all envs' frames and terminal frames per step) and carries ``(h, c)`
 
 ``h`` goes back to zeros for each env whose episode ended; the ``terminal_observation`` of an
 ended episode is ``[z_T, h_T]``. ``history`` stacks the last ``history`` such vectors (zeros
-before the start of an episode), as the latent modes do.
+before the start of an episode), as the latent modes do. With ``stats``
+(:class:`~agents.features.FeatureStats`, ``agent.standardize``) each ``[z_t, h_t]`` is
+standardised per dimension before stacking; M itself reads the raw ``z_t``.
 
 An agent run records its M in ``memory.json`` (:func:`prepare_memory`): the memory run's path
 (absolute and relative to the agent run), checkpoint, weights hash, the hash of the VAE weights
@@ -41,6 +43,7 @@ from worldmodel.errors import UserError
 from worldmodel.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
+    from agents.features import FeatureStats
     from worldmodel.config import Config
     from worldmodel.memory import LoadedMemory
     from worldmodel.vae import LoadedVAE
@@ -79,12 +82,15 @@ class VecMemoryObservation(VecEnvWrapper):
         with ``history=1``), whose ``terminal_observation`` entries are latents too.
     :param memory: M (trained, or the untrained control).
     :param history: concatenate the last ``history`` observations (zeros before the start).
+    :param stats: standardise each ``[z_t, h_t]`` with these ``(Z + H,)`` statistics before
+        stacking (``None``: raw).
 
     Attributes ``state`` (``(h, c)``, each ``(1, n, H)``) and ``hidden`` (``(n, H)``, the ``h``
     of the last observations) are kept for tests and debugging.
     """
 
-    def __init__(self, venv: VecEnv, memory: LoadedMemory, history: int = 1) -> None:
+    def __init__(self, venv: VecEnv, memory: LoadedMemory, history: int = 1,
+                 stats: FeatureStats | None = None) -> None:
         if history < 1:
             raise UserError(f"history must be >= 1, got {history}")
         z_dim = int(np.prod(venv.observation_space.shape or (0,)))
@@ -94,6 +100,9 @@ class VecMemoryObservation(VecEnvWrapper):
                 "a memory run trained on this agent's VAE"
             )
         check_memory_actions(memory, venv.action_space, "VecMemoryObservation")
+        if stats is not None:
+            stats.check(memory.latent_dim + memory.hidden_size, "VecMemoryObservation")
+        self.stats = stats
         self.memory = memory
         self.history = history
         base = memory_space(memory.latent_dim, memory.hidden_size)
@@ -105,7 +114,9 @@ class VecMemoryObservation(VecEnvWrapper):
         self._actions: np.ndarray | None = None
 
     def _observe(self, z: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        return np.concatenate([z, hidden], axis=1).astype(np.float32, copy=False)
+        """``[z, h]`` ``(n, Z + H)`` float32, standardised with ``stats`` when given."""
+        obs = np.concatenate([z, hidden], axis=1).astype(np.float32, copy=False)
+        return obs if self.stats is None else self.stats.apply(obs)
 
     def reset(self) -> np.ndarray:
         """Reset all envs and M's states; return ``(n, history * (Z + H))`` float32."""

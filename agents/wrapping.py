@@ -8,6 +8,10 @@ Observation pipelines, by the mode's :attr:`~agents.modes.ObsModeSpec.wrapper`
 * ``latents`` (``latent``, ``random-encoder``): ``VecLatentObservation(history)`` -> ``MlpPolicy``;
 * ``latents-memory`` (``latent-memory``, ``latent-memory-untrained``): ``VecLatentObservation``,
   ``VecMemoryObservation(history)`` (``[z_t, h_t]``, :mod:`agents.memory_obs`) -> ``MlpPolicy``.
+
+The latent wrappers take the run's feature statistics (:mod:`agents.features`,
+``features.json``): each step's ``z`` or ``[z, h]`` is standardised per dimension before it is
+stacked.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from agents.latent import VecLatentObservation
 from agents.modes import WrapperKind, get_mode
 
 if TYPE_CHECKING:
+    from agents.features import FeatureStats
     from worldmodel.config import Config
     from worldmodel.memory import LoadedMemory
     from worldmodel.vae import LoadedVAE
@@ -45,7 +50,8 @@ EVAL_SEED_OFFSET = 1000
 
 
 def wrap_frames(
-    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None
+    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None,
+    features: FeatureStats | None = None,
 ) -> VecEnv:
     """Frames for a CNN: the last ``agent.history`` frames stacked, channels first."""
     if cfg.agent.history > 1:
@@ -54,22 +60,28 @@ def wrap_frames(
 
 
 def wrap_latents(
-    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None
+    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None,
+    features: FeatureStats | None = None,
 ) -> VecEnv:
-    """The frozen encoder's latents of the last ``agent.history`` frames."""
+    """The frozen encoder's latents of the last ``agent.history`` frames (standardised)."""
     assert encoder is not None
-    return VecLatentObservation(venv, encoder, history=cfg.agent.history, latent=cfg.agent.latent)
+    return VecLatentObservation(venv, encoder, history=cfg.agent.history, latent=cfg.agent.latent,
+                                stats=features)
 
 
 def wrap_latents_memory(
-    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None
+    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None,
+    features: FeatureStats | None = None,
 ) -> VecEnv:
-    """``[z_t, h_t]``: each frame's latent and M's LSTM state, the last ``agent.history``."""
+    """``[z_t, h_t]``: each frame's latent and M's LSTM state, the last ``agent.history``.
+
+    M reads the raw latents; ``features`` standardises the ``[z_t, h_t]`` the policy sees.
+    """
     from agents.memory_obs import VecMemoryObservation
 
     assert encoder is not None and memory is not None
     latents = VecLatentObservation(venv, encoder, history=1, latent=cfg.agent.latent)
-    return VecMemoryObservation(latents, memory, history=cfg.agent.history)
+    return VecMemoryObservation(latents, memory, history=cfg.agent.history, stats=features)
 
 
 #: How each :data:`~agents.modes.WrapperKind` turns raw frames into observations.
@@ -81,10 +93,14 @@ WRAPPERS: dict[WrapperKind, Callable[..., VecEnv]] = {
 
 
 def wrap_observations(
-    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None
+    venv: VecEnv, cfg: Config, encoder: LoadedVAE | None, memory: LoadedMemory | None = None,
+    features: FeatureStats | None = None,
 ) -> VecEnv:
-    """Raw frames -> what the policy observes, for ``cfg.agent.obs_mode``."""
-    return WRAPPERS[get_mode(cfg.agent.obs_mode).wrapper](venv, cfg, encoder, memory)
+    """Raw frames -> what the policy observes, for ``cfg.agent.obs_mode``.
+
+    :param features: the run's feature statistics (latent wrappers; ``None``: raw features).
+    """
+    return WRAPPERS[get_mode(cfg.agent.obs_mode).wrapper](venv, cfg, encoder, memory, features)
 
 
 class VecFrameRecorder(VecEnvWrapper):
@@ -130,6 +146,7 @@ def make_agent_env(
     normalize_from: Path | None = None,
     recorder: bool = False,
     memory: LoadedMemory | None = None,
+    features: FeatureStats | None = None,
 ) -> VecEnv:
     """Build the VecEnv an agent trains or is evaluated on.
 
@@ -143,13 +160,15 @@ def make_agent_env(
         :func:`load_normalization`); a missing file leaves fresh ones.
     :param recorder: insert a :class:`VecFrameRecorder` above the raw frames.
     :param memory: M, for the memory modes (:func:`agents.memory_obs.load_agent_memory`).
+    :param features: the run's feature statistics (:func:`agents.features.load_features`), for
+        the latent modes; ``None`` observes raw features.
     """
     from envs import make_vec_env
 
     venv = make_vec_env(cfg.env, n_envs=n_envs, seed=seed)
     if recorder:
         venv = VecFrameRecorder(venv)
-    venv = wrap_observations(venv, cfg, encoder, memory)
+    venv = wrap_observations(venv, cfg, encoder, memory, features)
     if cfg.agent.normalize_reward:
         venv = VecNormalize(
             venv, training=training, norm_obs=False, norm_reward=training, gamma=gamma

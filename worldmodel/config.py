@@ -299,6 +299,13 @@ class AgentConfig(Section):
         1, ge=1, description="Stack the last N frames (pixel) or latents (latent modes)."
     )
     latent: Literal["mean", "sample"] = Field("mean", description="Which latent to observe.")
+    standardize: bool = Field(
+        True,
+        description="Latent modes (and the dream): the policy observes z (or [z, h]) "
+        "standardised per dimension with statistics of the VAE's dataset under the mode's own "
+        "encoder and M (recorded in features.json), so a control differs from its arm only in "
+        "the weights.",
+    )
     policy: str | None = Field(
         None, description="SB3 policy name; null picks CnnPolicy for pixel, else MlpPolicy."
     )
