@@ -27,7 +27,7 @@ off-policy algorithms when small enough, ``vecnormalize.json`` with reward norma
 file of a run folder is ever unpickled),
 ``train_state.json``, ``summary.json`` (with ``real_env_steps``, the real env steps trained on,
 and ``dream_env_steps``; a dream run adds ``real_env_steps_collected``, the frames of M's
-dataset, and ``dream_tau``), TensorBoard ``events.*`` and ``progress.csv``
+datasets, and ``dream_tau``), TensorBoard ``events.*`` and ``progress.csv``
 (``progress_<n>.csv`` for the n-th resumed session).
 
 ``wall_seconds`` is training wall-clock time, periodic evaluations and checkpointing excluded,
@@ -567,20 +567,27 @@ def check_dream_spaces(dream: VecEnv, real: VecEnv, cfg: Config) -> None:
 
 
 def collected_frames(memory_run: Path | None) -> int | None:
-    """The frames of the dataset a memory run was trained on: the real env steps it consumed."""
+    """The frames of the dataset(s) a memory run was trained on: the real env steps it consumed.
+
+    The total its ``summary.json`` records (``inputs.real_env_steps_collected``), else the frames
+    of its datasets (``inputs.datasets``, or the one ``inputs.dataset`` of older runs).
+    """
     from worldmodel.dataset import open_dataset
 
     if memory_run is None:
         return None
     summary = Path(memory_run) / "summary.json"
-    data = read_json(summary).get("inputs", {}).get("dataset") if summary.is_file() else None
-    if not data:
+    inputs = read_json(summary).get("inputs", {}) if summary.is_file() else {}
+    if inputs.get("real_env_steps_collected") is not None:
+        return int(inputs["real_env_steps_collected"])
+    datas = inputs.get("datasets") or ([inputs["dataset"]] if inputs.get("dataset") else [])
+    if not datas:
         return None
     try:
-        return int(open_dataset(Path(data)).num_frames)
+        return sum(int(open_dataset(Path(d)).num_frames) for d in datas)
     except (OSError, UserError) as e:
         log.warning("cannot count the frames of %s (%s): real_env_steps_collected unknown",
-                    data, e)
+                    ", ".join(datas), e)
         return None
 
 

@@ -105,7 +105,8 @@ def _cmd_train_memory(args: argparse.Namespace) -> int:
     _resume_out(args, "memory")
     cfg = _config(args)
     out = _stage("worldmodel.train_memory", 15).run(
-        cfg, _dataset(args.data), Path(args.vae), _out(args, cfg, "memory"), resume=args.resume
+        cfg, [_dataset(d) for d in args.data], Path(args.vae), _out(args, cfg, "memory"),
+        resume=args.resume,
     )
     return _done(out, "memory run")
 
@@ -223,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-memory", help="Train the memory model M (MDN-RNN) on VAE latents.")
     _add_config_args(p, "Run folder.")
-    p.add_argument("--data", "-d", required=True, metavar="DATA", help="Dataset folder.")
+    p.add_argument("--data", "-d", required=True, action="append", metavar="DATA",
+                   help="Dataset folder (repeat -d to train on several).")
     p.add_argument("--vae", required=True, metavar="VAE_RUN", help="VAE run that encodes it.")
     p.add_argument("--resume", action="store_true", help="Continue from RUN/last.pt.")
     p.set_defaults(func=_cmd_train_memory)

@@ -41,10 +41,18 @@ least-squares model of ``z_{t+1}`` from ``(z_t, a_t)`` fitted on the training ep
 out open loop too; the reward R^2; the done head's precision and recall (threshold 0.5; the
 recall counts the terminal steps only, reported with their number).
 
+**Several datasets** (``-d DATA -d DATA2 ...``: World Models' iterative procedure adds the
+episodes each round's agent collects, :mod:`agents.iterate`): they must hold the same frame
+shape and action space. Each keeps its own latent cache and its own validation episodes (split
+as above, per dataset); the training and held-out episodes are the union. The first dataset is
+the run's ``inputs.dataset`` (the dream's start frames and action space); ``summary.json``
+records every dataset (``inputs.datasets``, ``inputs.latent_caches``, ``inputs.dataset_frames``)
+and their frames in total, the real env steps M's data cost (``inputs.real_env_steps_collected``).
+
 Checkpoints and resume follow ``train_vae``: ``best.pt`` (lower validation NLL) before
 ``last.pt`` at every validation; ``--resume`` refuses other ``output`` settings, other
-validation episodes and other VAE weights, and continues exactly (the data order and the ``z``
-noise are functions of the seed, the epoch and the batch).
+validation episodes, another list of datasets and other VAE weights, and continues exactly
+(the data order and the ``z`` noise are functions of the seed, the epoch and the batch).
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,6 +142,19 @@ class Episodes(NamedTuple):
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         return Episodes(self.mu[rows], self.logvar[rows], self.action[rows], self.reward[rows],
                         self.done[rows], starts, lengths.astype(np.int64))
+
+
+def concat_episodes(parts: Sequence[Episodes]) -> Episodes:
+    """Episodes of several datasets laid end to end (in the order of ``parts``)."""
+    if len(parts) == 1:
+        return parts[0]
+    lengths = np.concatenate([p.lengths for p in parts]).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return Episodes(np.concatenate([p.mu for p in parts]),
+                    np.concatenate([p.logvar for p in parts]),
+                    np.concatenate([p.action for p in parts]),
+                    np.concatenate([p.reward for p in parts]),
+                    np.concatenate([p.done for p in parts]), starts, lengths)
 
 
 def dataset_key(reader: DatasetReader) -> str:
@@ -548,23 +569,81 @@ def _check_inputs(reader: DatasetReader, vae: LoadedVAE, data: Path, vae_dir: Pa
                         f"{h}x{w}x{c} frames; pass the VAE trained on this dataset's frames")
 
 
-def open_run(out: Path, cfg: Config, resume: bool | None, vae_hash: str,
-             val_episodes: list[int]) -> tuple[RunFolder, dict[str, Any] | None]:
-    """Open the run folder; the checkpoint to resume (refusing other settings or inputs)."""
+def _check_datasets(datas: list[Path], readers: list[DatasetReader]) -> dict[str, Any]:
+    """Refuse datasets of other frames or actions than the first; its ``action_space``."""
+    first, space = readers[0], readers[0].manifest.get("action_space")
+    seen: dict[str, Path] = {}
+    for data, reader in zip(datas, readers, strict=True):
+        where = _location(data)
+        if where in seen:
+            raise UserError(f"dataset {data} is passed twice (-d); pass each dataset once")
+        seen[where] = data
+        if tuple(reader.frame_shape) != tuple(first.frame_shape):
+            shape, want = ("x".join(map(str, r.frame_shape)) for r in (reader, first))
+            raise UserError(f"dataset {data} holds {shape} frames but dataset {datas[0]} holds "
+                            f"{want} frames; train M on datasets of one env and preprocessing")
+        if reader.manifest.get("action_space") != space:
+            raise UserError(f"dataset {data} has another action space than dataset {datas[0]} "
+                            f"({reader.manifest.get('action_space')} vs {space}); train M on "
+                            "datasets of one env")
+    try:
+        action_dim(space)
+    except UserError as e:
+        raise UserError(f"dataset {datas[0]}: {e}") from None
+    assert isinstance(space, dict)
+    return space
 
-    def same_vae(checkpoint: dict[str, Any]) -> None:
+
+def _location(data: Path | str) -> str:
+    """A dataset's location as compared on resume: a URL as it is, a local path resolved."""
+    return str(data) if "://" in str(data) else str(Path(data).resolve())
+
+
+def open_run(out: Path, cfg: Config, resume: bool | None, vae_hash: str,
+             val_episodes: list[list[int]],
+             datasets: list[dict[str, str]] | None = None,
+             ) -> tuple[RunFolder, dict[str, Any] | None]:
+    """Open the run folder; the checkpoint to resume (refusing other settings or inputs).
+
+    :param val_episodes: the validation episode ids of each dataset.
+    :param datasets: each dataset's ``location`` and ``key`` (:func:`dataset_key`): a resume
+        refuses another list (a dataset counts as the same when its location or its episodes
+        are; one that gained episodes is refused by its validation episodes).
+    """
+
+    def same_inputs(checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("vae_hash") != vae_hash:
             raise UserError(f"cannot resume {out}: it was trained on the latents of other "
                             "VAE weights; pass the --vae it started with, or start a new run")
+        saved = checkpoint.get("datasets")
+        if saved is None or datasets is None:
+            return  # (checkpoints of older versions did not record them)
+        same = len(saved) == len(datasets) and all(
+            a["location"] == b["location"] or a["key"] == b["key"]
+            for a, b in zip(saved, datasets, strict=True))
+        if not same:
+            was = ", ".join(d["location"] for d in saved)
+            raise UserError(f"cannot resume {out}: it was trained on {len(saved)} dataset(s) "
+                            f"({was}), not these {len(datasets)}; pass the same -d list in the "
+                            "same order, or start a new run")
+        saved_val = checkpoint.get("dataset_val_episodes")
+        if len(datasets) > 1 and saved_val is not None and saved_val != val_episodes:
+            raise UserError(f"cannot resume {out}: the validation episodes of its datasets "
+                            "changed (a dataset gained or lost episodes); resume with the "
+                            "datasets the run started on, or start a new run")
 
-    return open_trainer_run(out, cfg, STAGE, resume, STALE_FILES, val_episodes, same_vae)
+    # one dataset: its validation ids, checked as train-vae checks them (older checkpoints too)
+    single = val_episodes[0] if len(val_episodes) == 1 else None
+    return open_trainer_run(out, cfg, STAGE, resume, STALE_FILES, single, same_inputs)
 
 
-def run(cfg: Config, data: Path, vae: Path, out: Path, resume: bool | None = False) -> Path:
-    """Train M on the dataset ``data``, encoded by the VAE run ``vae``, into the run ``out``.
+def run(cfg: Config, data: Path | str | Sequence[Path | str], vae: Path, out: Path,
+        resume: bool | None = False) -> Path:
+    """Train M on the dataset(s) ``data``, encoded by the VAE run ``vae``, into the run ``out``.
 
     :param cfg: the run config (``memory``, ``data``, ``seed``).
-    :param data: a dataset folder written by ``worldmodel collect``.
+    :param data: a dataset folder written by ``worldmodel collect``, or a list of them (same
+        frames and action space; the first gives the dream its start frames).
     :param vae: a ``worldmodel train-vae`` run folder (its ``memory.vae_checkpoint``).
     :param out: the run folder (see the module docstring for its files).
     :param resume: continue from ``out/last.pt`` (as :func:`worldmodel.train_vae.run`).
@@ -574,44 +653,59 @@ def run(cfg: Config, data: Path, vae: Path, out: Path, resume: bool | None = Fal
     from worldmodel.loaders import split_episodes
 
     started = time.perf_counter()
-    data, vae, out = Path(data), Path(vae), Path(out)
+    datas = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
+    if not datas:
+        raise UserError("train-memory needs a dataset: pass -d DATA (one or more)")
+    vae, out = Path(vae), Path(out)
     check_kind(out, STAGE.kind)
     require_kind(vae, "vae", "--vae")
-    reader = open_dataset(data)
-    space = reader.manifest.get("action_space")
-    try:
-        a_dim = action_dim(space)
-    except UserError as e:
-        raise UserError(f"dataset {data}: {e}") from None
-    assert isinstance(space, dict)
+    readers = [open_dataset(d) for d in datas]
+    space = _check_datasets(datas, readers)
+    a_dim = action_dim(space)
     device = resolve_device(cfg.memory.device)
     encoder = load_vae(vae, cfg.memory.vae_checkpoint, device)
-    _check_inputs(reader, encoder, data, vae)
-    ids = reader.episode_ids
-    train_ids, val_ids = split_episodes(ids, cfg.data.val_fraction, cfg.seed)
-    folder, checkpoint = open_run(out, cfg, resume, encoder.weights_hash, val_ids)
+    _check_inputs(readers[0], encoder, datas[0], vae)
+    splits = [split_episodes(r.episode_ids, cfg.data.val_fraction, cfg.seed) for r in readers]
+    val_ids = [[int(i) for i in v] for _, v in splits]
+    sources = [{"location": _location(d), "key": dataset_key(r)}
+               for d, r in zip(datas, readers, strict=True)]
+    folder, checkpoint = open_run(out, cfg, resume, encoder.weights_hash, val_ids, sources)
     with closing(folder):
-        mu, logvar, cache = cached_latents(encoder, reader)
-        episodes = load_episodes(reader, mu, logvar, space)
-        pos = {eid: p for p, eid in enumerate(ids)}
-        train = episodes.select([pos[i] for i in train_ids])
+        trains, vals, caches = [], [], []
+        for reader, (train_i, val_i) in zip(readers, splits, strict=True):
+            mu, logvar, cache = cached_latents(encoder, reader)
+            episodes = load_episodes(reader, mu, logvar, space)
+            pos = {eid: p for p, eid in enumerate(reader.episode_ids)}
+            trains.append(episodes.select([pos[i] for i in train_i]))
+            vals.append(episodes.select([pos[i] for i in val_i]))
+            caches.append(cache)
+        train = concat_episodes(trains)
+        n_val = sum(len(v) for v in val_ids)
         warnings: list[str] = []
-        if val_ids:
-            val = episodes.select([pos[i] for i in val_ids])
+        if n_val:
+            val = concat_episodes(vals)
         else:
             val = train
             warnings.append("no held-out episodes (data.val_fraction = 0): the held-out metrics "
                             "are measured on training episodes")
-        extra = {
-            "val_episodes": [int(i) for i in val_ids],
+        extra: dict[str, Any] = {
             "vae_hash": encoder.weights_hash,
-            "latent_dim": int(mu.shape[1]),
+            "latent_dim": int(train.mu.shape[1]),
             "action_dim": a_dim,
             "action_space": json.dumps(space),
+            "datasets": sources,
+            "dataset_val_episodes": val_ids,
         }
-        summary_inputs = {"dataset": str(data), "vae": str(vae), "latent_cache": str(cache),
-                          "train_episodes": len(train_ids), "val_episodes": len(val_ids),
-                          "train_steps": int(train.lengths.sum())}
+        if len(datas) == 1:
+            extra["val_episodes"] = val_ids[0]
+        frames = [int(r.num_frames) for r in readers]
+        summary_inputs = {"dataset": str(datas[0]), "vae": str(vae),
+                          "latent_cache": str(caches[0]),
+                          "datasets": [str(d) for d in datas],
+                          "latent_caches": [str(c) for c in caches],
+                          "dataset_frames": frames, "real_env_steps_collected": sum(frames),
+                          "train_episodes": sum(len(t) for t, _ in splits),
+                          "val_episodes": n_val, "train_steps": int(train.lengths.sum())}
         return _train(cfg, out, folder, checkpoint, train, val, extra, summary_inputs,
                       warnings, device, started)
 
