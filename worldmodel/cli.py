@@ -111,6 +111,17 @@ def _cmd_train_memory(args: argparse.Namespace) -> int:
     return _done(out, "memory run")
 
 
+def _cmd_iterate(args: argparse.Namespace) -> int:
+    if not args.out:
+        raise UserError("iterate needs --out OUT, the folder to write (and to resume) its rounds")
+    cfg = _config(args, builds_env=True)
+    out = _stage("agents.iterate", 15).run(
+        cfg, _dataset(args.data), Path(args.vae), Path(args.memory), Path(args.agent),
+        Path(args.out), rounds=args.rounds,
+    )
+    return _done(out, "iterate run")
+
+
 def _cmd_train_agent(args: argparse.Namespace) -> int:
     _resume_out(args, "agent")
     cfg = _config(args, builds_env=True)
@@ -237,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Memory run folder (latent-memory modes; trained on --vae).")
     p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
     p.set_defaults(func=_cmd_train_agent)
+
+    p = sub.add_parser("iterate", help="World Models' iterative training: collect with the "
+                       "agent, retrain M on all data, train in the dream; repeat.")
+    _add_config_args(p, "Iterate folder (re-run the same command to resume).")
+    p.add_argument("--data", "-d", required=True, metavar="DATA", help="The initial dataset.")
+    p.add_argument("--vae", required=True, metavar="VAE_RUN", help="VAE run that encodes it.")
+    p.add_argument("--memory", required=True, metavar="MEMORY_RUN", help="M trained on DATA.")
+    p.add_argument("--agent", required=True, metavar="AGENT_RUN",
+                   help="The agent trained in M's dream: it collects round 1's episodes.")
+    p.add_argument("--rounds", type=int, metavar="N", help="Rounds (default iterate.rounds).")
+    p.set_defaults(func=_cmd_iterate)
 
     p = sub.add_parser("evaluate", help="Evaluate an agent run; optional video.")
     p.add_argument("run", metavar="RUN", help="Agent run folder.")

@@ -393,6 +393,25 @@ class PipelineConfig(Section):
         return value
 
 
+class IterateConfig(Section):
+    """``worldmodel iterate``: collect with the dream agent, retrain M, train in the dream again."""
+
+    rounds: int = Field(
+        3, ge=1,
+        json_schema_extra=BUDGET,
+        description="Rounds of collect -> train-memory (on all data) -> train a dream agent "
+        "(`--rounds` overrides it; a rerun with more rounds extends the run).",
+    )
+    episodes: int = Field(
+        20, ge=1, description="Episodes each round collects with the previous round's agent."
+    )
+    epsilon: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="Exploration noise while collecting: probability of a random action "
+        "(the round's collect.epsilon).",
+    )
+
+
 class Config(Section):
     """The whole run config. Each stage reads its own sections plus ``seed`` and ``env``."""
 
@@ -407,6 +426,7 @@ class Config(Section):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
 
     def to_yaml(self) -> str:
         """The config as YAML, every key spelled out."""
