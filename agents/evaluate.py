@@ -22,6 +22,7 @@ import torch
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from agents.encoders import load_encoder, locate_recorded_run, read_vae_record
+from agents.features import load_features
 from agents.memory_obs import load_agent_memory
 from agents.models import agent_device, load_model
 from agents.modes import get_mode
@@ -160,10 +161,11 @@ def _evaluate(run: Path, episodes: int, video: bool, deterministic: bool | None,
     zip_path = run / ("last.zip" if checkpoint == "last" else "best_model.zip")
     encoder = load_encoder(run, cfg)
     memory = load_agent_memory(run, cfg)
+    features = load_features(run, encoder, memory)  # None for runs without features.json
     seed = cfg.seed + EVAL_SEED_OFFSET if seed is None else seed
     n_envs = min(episodes, cfg.agent.eval_envs)
     env = make_agent_env(cfg, encoder, n_envs=n_envs, seed=seed, training=False, recorder=video,
-                         memory=memory)
+                         memory=memory, features=features)
     try:
         model = load_model(run, cfg, zip_path, device=agent_device(cfg),
                            action_space=env.action_space)

@@ -4,7 +4,9 @@
 (it is a picklable module-level function). The policy builds the observation pipeline the run
 was trained with, from its folder (:mod:`agents.encoders`): the same VAE (checked by weights hash),
 the same latent or frame history (zeros before the episode start) and the same latent mode;
-the memory modes also carry M's LSTM state through the episode (:mod:`agents.memory_obs`).
+the memory modes also carry M's LSTM state through the episode (:mod:`agents.memory_obs`), and
+the latent modes standardise their features with the run's ``features.json``
+(:mod:`agents.features`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env.stacked_observations import StackedObservations
 
 from agents.encoders import load_encoder
+from agents.features import load_features
 from agents.latent import latent_space
 from agents.memory_obs import load_agent_memory
 from agents.models import agent_device, load_model
@@ -29,6 +32,7 @@ from worldmodel.errors import UserError
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
+    from agents.features import FeatureStats
     from worldmodel.config import Config
     from worldmodel.memory import LoadedMemory
     from worldmodel.vae import LoadedVAE
@@ -46,6 +50,8 @@ class AgentPolicy:
     :param deterministic: greedy actions instead of sampling from the policy.
     :param memory: M (memory modes): observations are ``[z_t, h_t]``, and M reads
         ``(z_t, a_t)`` after each action.
+    :param features: the run's feature statistics: each step's ``z`` or ``[z, h]`` is
+        standardised before it is stacked (``None``: raw).
     """
 
     def __init__(
@@ -58,8 +64,10 @@ class AgentPolicy:
         epsilon: float = 0.0,
         deterministic: bool = False,
         memory: LoadedMemory | None = None,
+        features: FeatureStats | None = None,
     ) -> None:
         self.model = model
+        self.features = features
         self.encoder = encoder
         self.memory = memory
         self._state = memory.initial_state(1) if memory is not None else None
@@ -99,10 +107,11 @@ class AgentPolicy:
             return frames
         z = self.encoder.encode(frames, mode=self.latent)
         if self.memory is None or self._state is None:
-            return z
+            return z if self.features is None else self.features.apply(z)
         self._z = z
         hidden = self._state[0][0].cpu().numpy()
-        return np.concatenate([z, hidden], axis=1).astype(np.float32)
+        obs = np.concatenate([z, hidden], axis=1).astype(np.float32)
+        return obs if self.features is None else self.features.apply(obs)
 
     def reset(self, obs: np.ndarray, info: dict[str, Any]) -> None:
         """Start an episode whose first frame is ``obs``."""
@@ -164,4 +173,6 @@ def make_policy(spec: str, env: gym.Env[Any, Any], seed: int, epsilon: float) ->
         )
     encoder = load_encoder(run, cfg)
     memory = load_agent_memory(run, cfg)
-    return AgentPolicy(model, cfg, encoder, env.action_space, seed, epsilon, memory=memory)
+    features = load_features(run, encoder, memory)
+    return AgentPolicy(model, cfg, encoder, env.action_space, seed, epsilon, memory=memory,
+                       features=features)

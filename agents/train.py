@@ -20,6 +20,8 @@ Top to bottom, :func:`run`:
 
 Run folder: ``config.yaml``, ``vae.json`` (latent modes), ``memory.json`` (and
 ``random_memory.pt`` for the untrained control: the memory modes, :mod:`agents.memory_obs`),
+``features.json`` (the per-dimension statistics the latent modes standardise their features
+with, :mod:`agents.features`),
 ``evaluations.jsonl`` (one record per
 evaluation: ``timesteps``, ``wall_seconds``, ``elapsed_seconds``, ``returns``, ``lengths``,
 ``mean_return``, ``std_return``), ``best_model.zip``, ``last.zip`` (+ ``replay_buffer.npz`` for
@@ -58,6 +60,13 @@ from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
 from agents.encoders import load_encoder, prepare_encoder, read_vae_record
 from agents.evaluate import retire_eval
+from agents.features import (
+    FEATURES_RECORD,
+    FeatureStats,
+    VecStandardize,
+    load_features,
+    prepare_features,
+)
 from agents.hyperparams import parse_hyperparams
 from agents.memory_obs import load_agent_memory, prepare_memory, read_memory_record
 from agents.models import (
@@ -331,7 +340,8 @@ def check_action_space(algo: str, space: spaces.Space[Any], env_id: str) -> None
 STALE_FILES = (
     "evaluations.jsonl", "train_state.json", "summary.json", "eval.json", "best_model.zip",
     NORMALIZE_FILE, LEGACY_NORMALIZE_FILE, REPLAY_FILE, LEGACY_REPLAY_FILE, "vae.json",
-    "random_encoder.pt", "memory.json", "random_memory.pt", "progress*.csv", "events.*",
+    "random_encoder.pt", "memory.json", "random_memory.pt", FEATURES_RECORD, "progress*.csv",
+    "events.*",
 )
 
 
@@ -438,7 +448,7 @@ def _read_state(out: Path) -> dict[str, Any]:
 
 
 def run(cfg: Config, out: Path, vae: Path | None = None, memory: Path | None = None,
-        resume: bool | None = False) -> Path:
+        resume: bool | None = False, data: Path | None = None) -> Path:
     """Train an agent as ``cfg.agent`` says; see the module docstring for the run folder.
 
     :param cfg: the resolved config.
@@ -451,6 +461,9 @@ def run(cfg: Config, out: Path, vae: Path | None = None, memory: Path | None = N
         trains further moves ``eval.json``, which described the agent before it, to
         ``eval.previous.json``). ``False`` starts a run, but resumes one that was interrupted
         after its first checkpoint; ``None`` resumes whenever there is a checkpoint.
+    :param data: the dataset whose statistics standardise the latent modes' features
+        (:mod:`agents.features`); ``None``: the one the memory run (memory modes) or the VAE run
+        recorded.
     :return: ``out``.
     """
     out = Path(out)
@@ -461,12 +474,12 @@ def run(cfg: Config, out: Path, vae: Path | None = None, memory: Path | None = N
     if memory is not None:
         require_kind(Path(memory), "memory", "--memory")
     with open_run(cfg, out, resume) as folder:
-        _run(cfg, out, vae, folder, memory)
+        _run(cfg, out, vae, folder, memory, data)
     return out
 
 
 def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder,
-         memory_run: Path | None = None) -> None:
+         memory_run: Path | None = None, data: Path | None = None) -> None:
     resume = folder.resume
     seed_everything(cfg.seed)
     device = agent_device(cfg)
@@ -480,6 +493,10 @@ def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder,
         memory, memory_record = load_agent_memory(out, cfg), read_memory_record(out)
     else:
         memory, memory_record = prepare_memory(cfg, memory_run, encoder, out)
+    if resume:  # a run started without features.json (older versions) goes on without
+        features = load_features(out, encoder, memory)
+    else:
+        features = prepare_features(cfg, encoder, memory, out, vae, memory_run, data)
     folder.save_config(cfg)
     gamma = float(cfg.agent.hyperparams.get("gamma", 0.99))
     in_dream = get_mode(cfg.agent.obs_mode).trains_in == "dream"
@@ -487,17 +504,17 @@ def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder,
         assert memory is not None  # prepare_memory / load_agent_memory gave the trained M
         steps = int(_read_state(out).get("timesteps", 0)) if resume else 0
         env = make_dream_agent_env(cfg, memory, steps, gamma,
-                                   out / NORMALIZE_FILE if resume else None)
+                                   out / NORMALIZE_FILE if resume else None, features)
     else:
         env = make_agent_env(cfg, encoder, n_envs=cfg.env.n_envs, seed=cfg.seed, gamma=gamma,
                              normalize_from=out / NORMALIZE_FILE if resume else None,
-                             memory=memory)
+                             memory=memory, features=features)
     eval_env = None
     try:
         check_action_space(cfg.agent.algo, env.action_space, cfg.env.id)
         eval_env = make_agent_env(cfg, encoder, n_envs=cfg.agent.eval_envs,
                                   seed=cfg.seed + EVAL_SEED_OFFSET, training=False, gamma=gamma,
-                                  memory=memory)
+                                  memory=memory, features=features)
         if in_dream:
             check_dream_spaces(env, eval_env, cfg)
         model = _build_model(cfg, out, env, record, resume, device)
@@ -506,6 +523,7 @@ def _run(cfg: Config, out: Path, vae: Path | None, folder: RunFolder,
             if memory_record is not None:
                 summary["memory"] = {k: memory_record.get(k) for k in
                                      ("kind", "path", "checkpoint", "weights_hash")}
+            summary["standardized"] = features is not None
             steps = summary["timesteps"]
             summary["real_env_steps"] = 0 if in_dream else steps
             summary["dream_env_steps"] = steps if in_dream else 0
@@ -527,13 +545,16 @@ def dream_seed(seed: int, steps: int) -> int:
 
 
 def make_dream_agent_env(cfg: Config, memory: LoadedMemory, steps: int, gamma: float,
-                         normalize_from: Path | None) -> VecEnv:
+                         normalize_from: Path | None,
+                         features: FeatureStats | None = None) -> VecEnv:
     """The training env of a mode that trains in the dream: ``env.n_envs`` dreams of M.
 
     M's run folder gives the dataset (its first frames start the episodes, its manifest the
     action space and the episode cap); the temperature is ``memory.temperature``; the dream is
-    seeded from ``seed`` and ``steps`` (the step count a session starts from). Reward
-    normalisation is as in the real env's (:func:`agents.wrapping.make_agent_env`).
+    seeded from ``seed`` and ``steps`` (the step count a session starts from). Its ``[z, h]``
+    are standardised with the run's ``features`` (:class:`agents.features.VecStandardize`), as
+    the real env's are. Reward normalisation is as in the real env's
+    (:func:`agents.wrapping.make_agent_env`).
     """
     from stable_baselines3.common.vec_env import VecNormalize
 
@@ -547,6 +568,8 @@ def make_dream_agent_env(cfg: Config, memory: LoadedMemory, steps: int, gamma: f
     venv: VecEnv = make_dream_env(memory.run_dir, n_envs=cfg.env.n_envs,
                                   tau=cfg.memory.temperature, seed=dream_seed(cfg.seed, steps),
                                   checkpoint=MEMORY_CHECKPOINT)
+    if features is not None:
+        venv = VecStandardize(venv, features)
     if cfg.agent.normalize_reward:
         venv = VecNormalize(venv, training=True, norm_obs=False, norm_reward=True, gamma=gamma)
         if normalize_from is not None:

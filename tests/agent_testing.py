@@ -53,7 +53,9 @@ def agent_config(
         *continuous, *VAE_SETTINGS,
         f"agent.algo={algo}", f"agent.obs_mode={mode}", f"agent.timesteps={timesteps}",
         "agent.eval_every=64", "agent.eval_episodes=2", "agent.checkpoint_every=64",
-        "agent.history=2", "agent.device=cpu", *overrides,
+        "agent.history=2", "agent.device=cpu",
+        "agent.standardize=false",  # their VAE runs record no dataset (tests/test_features.py)
+        *overrides,
     ])
     cfg.agent.hyperparams = dict(ALGO_HYPERPARAMS[algo] if hyperparams is None else hyperparams)
     return cfg

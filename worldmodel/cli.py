@@ -129,7 +129,7 @@ def _cmd_train_agent(args: argparse.Namespace) -> int:
     memory = Path(args.memory) if args.memory else None
     out = _stage("agents.train", 6).run(
         cfg, _out(args, cfg, f"agent-{cfg.agent.obs_mode}"), vae=vae, memory=memory,
-        resume=args.resume,
+        resume=args.resume, data=Path(args.data) if args.data else None,
     )
     return _done(out, "agent run")
 
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", metavar="VAE_RUN", help="VAE run folder (latent modes).")
     p.add_argument("--memory", metavar="MEMORY_RUN",
                    help="Memory run folder (latent-memory modes; trained on --vae).")
+    p.add_argument("--data", "-d", metavar="DATA",
+                   help="Dataset of the feature statistics (agent.standardize; default: the one "
+                   "the --memory or --vae run recorded).")
     p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
     p.set_defaults(func=_cmd_train_agent)
 
