@@ -41,7 +41,7 @@ import numpy as np
 from worldmodel.config import Config, load_run_config, validate_config
 from worldmodel.errors import UserError
 from worldmodel.io import read_json, read_jsonl
-from worldmodel.runfolder import RUN_FILE, RunFolder, require_kind
+from worldmodel.runfolder import RUN_FILE, RunFolder, check_kind, require_kind
 from worldmodel.stages import StageSpec, resume_mismatches
 
 log = logging.getLogger("worldmodel")
@@ -169,8 +169,9 @@ def run(cfg: Config, data: Path, vae: Path, memory: Path, agent: Path, out: Path
     if trained_on and "://" not in str(trained_on) and Path(trained_on).resolve() != data.resolve():
         log.warning("iterate: --memory %s was trained on %s, not on --data %s: round 0 of the "
                     "summary counts the frames of --data", memory, trained_on, data)
+    check_kind(out, STAGE.kind)
+    _check_rerun(out, cfg, inputs)  # (before the folder is marked running again)
     with RunFolder.open(out, STAGE.kind) as folder:
-        _check_rerun(out, cfg, inputs)
         folder.save_config(cfg)
         rows: list[dict[str, Any]] = [{
             "round": 0, "data": inputs["data"], "real_frames": initial_frames,

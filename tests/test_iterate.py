@@ -146,7 +146,8 @@ def test_one_round_counts_every_real_frame_and_a_rerun_redoes_nothing(
     before = [_weights_mtime(r) for r in runs]
     cfg.save(tmp_path / "cfg.yaml")
     args = ["iterate", "-c", str(tmp_path / "cfg.yaml"), "-d", str(reach16), "--vae", str(vae),
-            "--memory", str(memory), "--agent", str(initial_agent), "-o", str(out)]
+            "--memory", str(memory), "--agent", str(initial_agent), "-o", str(out),
+            "--rounds", "1"]
     assert main(args) == 0
     assert [_weights_mtime(r) for r in runs] == before
     assert read_json(out / "summary.json")["rounds"] == summary["rounds"]
@@ -163,3 +164,14 @@ def test_one_round_counts_every_real_frame_and_a_rerun_redoes_nothing(
                     memory, initial_agent, out)
     with pytest.raises(UserError, match="other inputs"):
         iterate.run(cfg, reach16, vae, memory, out / "round-1" / "agent", out)
+    assert read_json(out / "run.json")["status"] == "done"  # a refused rerun leaves it alone
+    # more rounds extend the run: round 2 collects with round 1's agent, M reads all three
+    iterate.run(cfg, reach16, vae, memory, initial_agent, out, rounds=2)
+    r2 = read_json(out / "summary.json")["rounds"][2]
+    data2 = out / "round-2" / "data"
+    assert read_json(data2 / "manifest.json")["policy"] == (
+        f"agent:{(out / 'round-1' / 'agent').resolve()}")
+    assert r2["real_env_steps"] == frames0 + frames1 + open_dataset(data2).num_frames
+    assert r2["agent"]["real_env_steps_collected"] == r2["real_env_steps"]
+    assert read_json(out / "round-2" / "memory" / "summary.json")["inputs"]["datasets"] == [
+        str(reach16), str(data1), str(data2)]
