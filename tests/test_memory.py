@@ -294,6 +294,32 @@ def test_on_reach_m_learns(reach16: Path, vae: Path, tmp_path: Path) -> None:
           summary["reward_r2"], summary["done"])
 
 
+def test_the_reward_head_is_standardised_robustly_and_saved(trained: Path) -> None:
+    """The head predicts ``(r - median) / (1.4826 MAD)``: rare bonuses do not set the scale."""
+    m = build_memory(_cfg().memory, latent_dim=4, action_dim=5)
+    dense = np.random.default_rng(0).normal(-0.03, 0.01, 1000).astype(np.float32)
+    reward = np.concatenate([dense, np.ones(10, np.float32)])  # 1% of +1 bonuses
+    episodes = train_memory.Episodes(*(np.zeros((len(reward), 1), np.float32),) * 3, reward,
+                                     np.zeros(len(reward), bool), np.zeros(1, np.int64),
+                                     np.array([len(reward)]))
+    train_memory.standardize_reward(m, episodes)
+    assert float(m.reward_mean) == pytest.approx(float(np.median(reward)))
+    assert float(m.reward_std) == pytest.approx(0.01, rel=0.15)  # reward.std() is ~0.1
+    out, _ = m(torch.zeros(1, 2, 4), torch.zeros(1, 2, 5))
+    raw = m.reward(m.lstm(torch.zeros(1, 2, 9))[0]).squeeze(-1)
+    torch.testing.assert_close(out.reward, raw * m.reward_std + m.reward_mean)
+    # saved with the weights; a checkpoint without them (an older run) loads with scale 1
+    saved = load_memory(trained).model
+    assert float(saved.reward_std) != 1.0 and "reward_std" in _weights(trained)
+    old = trained.parent / "old"
+    shutil.copytree(trained, old)
+    state = load_checkpoint(old / "best.pt")
+    for key in ("reward_mean", "reward_std"):
+        del state["model"][key]
+    torch.save(state, old / "best.pt")
+    assert float(load_memory(old).model.reward_std) == 1.0
+
+
 def test_cli_train_memory(reach16: Path, vae: Path, tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
     sets = [a for s in [*TINY, "memory.steps=2"] for a in ("--set", s)]

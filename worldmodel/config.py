@@ -237,7 +237,8 @@ class MemoryConfig(Section):
         description="Passes over the training windows.",
     )
     reward_weight: float = Field(
-        1.0, ge=0.0, description="Weight of the reward head's MSE in the loss."
+        1.0, ge=0.0,
+        description="Weight of the reward head's loss (Huber on standardised rewards).",
     )
     done_weight: float = Field(
         1.0, ge=0.0,

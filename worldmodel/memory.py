@@ -11,7 +11,7 @@ all three heads::
     h_t = LSTM([z_t, a_t], h_{t-1})                      (B, L, H)
     logits, mu, logsigma = split(W h_t)                  each (B, L, Z, K)
     p(z_{t+1, j}) = sum_k softmax(logits_j)_k N(mu_jk, exp(logsigma_jk)^2)
-    reward_t = w_r h_t                                   (B, L)
+    reward_t = w_r h_t * std_r + mean_r                  (B, L)
     p(done_t) = sigmoid(w_d h_t)                         (B, L)
 
 ``reward_t`` and ``done_t`` are those of the action ``a_t`` (the dataset's ``reward`` and
@@ -98,6 +98,9 @@ class MDNRNN(nn.Module):
     :param mixtures: ``K``, Gaussians per latent dimension.
     """
 
+    reward_mean: Tensor  # () float32 buffer
+    reward_std: Tensor  # () float32 buffer
+
     def __init__(self, latent_dim: int, action_dim: int, hidden_size: int = 256,
                  mixtures: int = 5) -> None:
         super().__init__()
@@ -107,6 +110,11 @@ class MDNRNN(nn.Module):
         self.mdn = nn.Linear(hidden_size, 3 * latent_dim * mixtures)
         self.reward = nn.Linear(hidden_size, 1)
         self.done = nn.Linear(hidden_size, 1)
+        # The reward head predicts standardised rewards, (r - reward_mean) / reward_std, with
+        # the training split's statistics (set by train-memory, saved with the weights): a
+        # reward of Reach's scale (std ~0.01) next to the mixture NLL would otherwise be ignored.
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_std", torch.ones(()))
 
     def forward(self, z: Tensor, action: Tensor,
                 state: State | None = None) -> tuple[MemoryOutput, State]:
@@ -121,8 +129,9 @@ class MDNRNN(nn.Module):
         b, length = h.shape[:2]
         params = self.mdn(h).view(b, length, self.latent_dim, 3, self.mixtures)
         logits, mu, logsigma = params.unbind(dim=3)
-        out = MemoryOutput(logits, mu, logsigma.clamp(*LOGSIGMA_RANGE),
-                           self.reward(h).squeeze(-1), self.done(h).squeeze(-1))
+        reward = self.reward(h).squeeze(-1) * self.reward_std + self.reward_mean
+        out = MemoryOutput(logits, mu, logsigma.clamp(*LOGSIGMA_RANGE), reward,
+                           self.done(h).squeeze(-1))
         return out, state
 
 
@@ -349,8 +358,10 @@ def load_memory(
 
     space = json.loads(str(state["action_space"]))
     model = build_memory(cfg.memory, int(state["latent_dim"]), int(state["action_dim"]))
+    # runs saved before the reward head was standardised have no reward statistics
+    weights = {**model.state_dict(), **state["model"]}
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise UserError(f"{path} does not match {run_dir}/config.yaml: {first}") from e
