@@ -11,8 +11,10 @@
    validation and checkpoints, as its ``summary.json`` does). Target: trainer / bare >= 0.9.
 3. PPO ``learn()`` env steps/s in the dream vs latent PPO (``obs_mode: latent``, an untrained
    World-Models-size VAE encoding every frame) on EnvPool's CarRacing-v3, 8 envs each, the same
-   PPO hyperparameters. Target: dream / real >= 3. Measured only when EnvPool with CarRacing is
-   installed (``pip install "worldmodel[fast]"``); the output says so otherwise.
+   PPO hyperparameters. Target: dream / real >= 3. In the same run, ``latent-memory`` PPO (the
+   same encoder plus the CarRacing-size M stepped per env step, observing ``[z, h]``) against
+   latent PPO. Target: latent-memory / latent >= 0.7. Measured only when EnvPool with CarRacing
+   is installed (``pip install "worldmodel[fast]"``); the output says so otherwise.
 
 Models are untrained (the compute is the same as trained ones'). Run: ``python -m bench.memory
 [--threads N] [--quick]`` (about 2 minutes on 2 cores). The load average is printed first: the
@@ -228,15 +230,26 @@ def ppo_dream_vs_real(n_envs: int, steps: int) -> None:
     def dreamed() -> Any:
         return dream(memory, n_envs)
 
-    rate_real = rate_dream = 0.0
+    memory_cfg = cfg.model_copy(deep=True)
+    memory_cfg.agent.obs_mode = "latent-memory"
+
+    def with_memory() -> Any:
+        return make_agent_env(memory_cfg, vae, n_envs=n_envs, seed=0, memory=memory)
+
+    rate_real = rate_dream = rate_memory = 0.0
     for _ in range(2):  # interleaved, best of each
         rate_real = max(rate_real, ppo_rate(real, hyper, steps))
         rate_dream = max(rate_dream, ppo_rate(dreamed, hyper, steps))
+        rate_memory = max(rate_memory, ppo_rate(with_memory, hyper, steps))
     ratio = rate_dream / rate_real
     print(f"PPO learn({steps}), {n_envs} envs, n_steps {hyper['n_steps']}, batch 64, 10 epochs: "
           f"latent PPO on EnvPool CarRacing-v3 {rate_real:,.0f} env steps/s, in the dream "
           f"{rate_dream:,.0f} env steps/s, ratio {ratio:.2f}x (target >= 3: "
           f"{verdict(ratio, 3.0)})", flush=True)
+    ratio = rate_memory / rate_real
+    print(f"  latent-memory PPO on EnvPool CarRacing-v3 ([z, h], M stepped every env step) "
+          f"{rate_memory:,.0f} env steps/s, {ratio:.2f} of latent PPO (target >= 0.7: "
+          f"{verdict(ratio, 0.7)})", flush=True)
 
 
 def main() -> None:
