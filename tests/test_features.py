@@ -158,9 +158,8 @@ def test_random_encoder_features_have_unit_std_on_dataset_frames(
     assert np.all((observed["standardised"].std(0) > 0.3) & (observed["standardised"].std(0) < 3))
 
 
-def test_a_saved_run_is_evaluated_and_collected_with_its_recorded_stats(
-    vae_run: Path, cfg: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _record_built_envs(monkeypatch: pytest.MonkeyPatch) -> list[VecEnv]:
+    """The envs train-agent builds its models on, in order (train._build_model wrapped)."""
     envs: list[VecEnv] = []
     real_build = train._build_model
 
@@ -169,6 +168,13 @@ def test_a_saved_run_is_evaluated_and_collected_with_its_recorded_stats(
         return real_build(run_cfg, out, env, *args)
 
     monkeypatch.setattr(train, "_build_model", build)
+    return envs
+
+
+def test_a_saved_run_is_evaluated_and_collected_with_its_recorded_stats(
+    vae_run: Path, cfg: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    envs = _record_built_envs(monkeypatch)
     run_cfg = cfg("agent.obs_mode=latent", "agent.history=2")
     run = train.run(run_cfg, tmp_path / "agent", vae=vae_run)
     stats = load_features(run)
@@ -289,14 +295,7 @@ def test_the_dream_observes_the_same_standardised_z_h(
     np.testing.assert_allclose(real[:, z_dim:], np.broadcast_to(start, (2, len(start))),
                                rtol=1e-5)
     # train-agent: the dream it trains in and the real env it is evaluated in share features.json
-    envs: list[VecEnv] = []
-    real_build = train._build_model
-
-    def build(run_cfg: Config, out: Path, env: VecEnv, *args: Any) -> Any:
-        envs.append(env)
-        return real_build(run_cfg, out, env, *args)
-
-    monkeypatch.setattr(train, "_build_model", build)
+    envs = _record_built_envs(monkeypatch)
     run = train.run(dream_cfg, tmp_path / "dream", vae=vae, memory=memory_run)
     recorded = load_features(run)
     assert recorded is not None

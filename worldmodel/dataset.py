@@ -426,8 +426,7 @@ def _write_aligned(arr: Any, start: int, data: np.ndarray) -> None:
     """
     step = int(arr.chunks[0])
     end = start + len(data)
-    for lo in range(start, end, step) if start % step == 0 else [start, *range(
-            (start // step + 1) * step, end, step)]:
+    for lo in [start, *range((start // step + 1) * step, end, step)]:
         hi = min((lo // step + 1) * step, end)
         arr[lo:hi] = data[lo - start : hi - start]
 

@@ -343,6 +343,12 @@ class LossTerms(NamedTuple):
     done_bce: torch.Tensor
 
 
+def reward_huber(model: MDNRNN, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-step Huber loss (delta 1) of rewards on the head's standardised scale."""
+    return F.huber_loss(pred / model.reward_std, target / model.reward_std, reduction="none",
+                        delta=1.0)
+
+
 def memory_loss(model: MDNRNN, b: Batch, cfg: Config) -> LossTerms:
     """Mixture NLL + ``reward_weight`` * standardised reward Huber + ``done_weight`` * BCE."""
     out, _ = model(b.z, b.action)
@@ -350,9 +356,7 @@ def memory_loss(model: MDNRNN, b: Batch, cfg: Config) -> LossTerms:
     m = b.step_mask.float()
     n = m.sum().clamp(min=1.0)
     # on the standardised scale of the reward head (MDNRNN.reward_std)
-    err = F.huber_loss(out.reward / model.reward_std, b.reward / model.reward_std,
-                       reduction="none", delta=1.0)
-    reward_loss = (err * m).sum() / n
+    reward_loss = (reward_huber(model, out.reward, b.reward) * m).sum() / n
     bce = F.binary_cross_entropy_with_logits(out.done, b.done, reduction="none")
     done_bce = (bce * m).sum() / n
     loss = nll + cfg.memory.reward_weight * reward_loss + cfg.memory.done_weight * done_bce
@@ -442,8 +446,7 @@ def evaluate(model: MDNRNN, val: Episodes, linear: np.ndarray, cfg: Config,
     metrics["val/done_terminal_steps"] = float(done.sum())
     metrics["val/done_bce"] = float(F.binary_cross_entropy_with_logits(
         out.done[exists_t], done.float()))
-    reward_loss = float(F.huber_loss(pred_r / model.reward_std, reward / model.reward_std,
-                                     delta=1.0))
+    reward_loss = float(reward_huber(model, pred_r, reward).mean())
     metrics["val/loss"] = (metrics["val/nll"] + cfg.memory.reward_weight * reward_loss
                            + cfg.memory.done_weight
                            * metrics["val/done_bce"])
