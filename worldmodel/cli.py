@@ -173,6 +173,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return _done(result / "report.md", "report")
 
 
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from worldmodel.archive import archive
+
+    done = archive(Path(args.src), Path(args.out))
+    log.info("archive: %d finished run(s), %d file(s) -> %s", len(done.runs), len(done.files),
+             args.out)
+    for folder in done.unfinished:
+        log.info("archive: %s is not finished: skipped (re-run once it is)", folder)
+    print(args.out)
+    return 0
+
+
 def _cmd_sweep_temperature(args: argparse.Namespace) -> int:
     cfg = _config(args, builds_env=True)
     out = _stage("agents.sweep", 17).run(cfg, Path(args.vae), Path(args.memory), args.taus,
@@ -300,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="Agent run folders.")
     _add_config_args(p, "Report folder.")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("archive", help="Copy the small files of finished runs (configs, "
+                       "evaluations, summaries, hashes) for a repository.")
+    p.add_argument("src", metavar="SRC", help="A run folder or a pipeline folder.")
+    p.add_argument("--out", "-o", required=True, metavar="DIR",
+                   help="Where the copies go (paths relative to SRC are kept).")
+    p.set_defaults(func=_cmd_archive)
 
     p = sub.add_parser("sweep-temperature",
                        help="Dream agents per temperature tau: dream vs real return.")
