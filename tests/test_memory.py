@@ -305,6 +305,14 @@ def test_the_reward_head_is_standardised_robustly_and_saved(trained: Path) -> No
     train_memory.standardize_reward(m, episodes)
     assert float(m.reward_mean) == pytest.approx(float(np.median(reward)))
     assert float(m.reward_std) == pytest.approx(0.01, rel=0.15)  # reward.std() is ~0.1
+    # CarRacing: -0.2 (two frames of -0.1, float32 round-off apart) on most steps, a new tile
+    # (+3.1) on a tenth: the MAD is ~1e-7, so the std sets the scale
+    rng = np.random.default_rng(1)
+    idle = (np.float32(-0.1) + rng.choice([-0.1, -0.1000001], 900).astype(np.float32))
+    tiles = np.concatenate([idle, np.full(100, 3.1, np.float32)])
+    train_memory.standardize_reward(m, episodes._replace(reward=tiles))
+    assert float(m.reward_std) == pytest.approx(float(tiles.astype(np.float64).std()), rel=1e-5)
+    train_memory.standardize_reward(m, episodes)
     out, _ = m(torch.zeros(1, 2, 4), torch.zeros(1, 2, 5))
     raw = m.reward(m.lstm(torch.zeros(1, 2, 9))[0]).squeeze(-1)
     torch.testing.assert_close(out.reward, raw * m.reward_std + m.reward_mean)

@@ -316,6 +316,11 @@ class Windows:
         )
 
 
+#: :func:`standardize_reward` uses the reward's std when its MAD scale is below this fraction
+#: of it (Reach's dense reward: MAD scale ~0.4 of the std; CarRacing's: ~1e-6).
+MIN_MAD_FRACTION = 0.05
+
+
 def standardize_reward(model: MDNRNN, train: Episodes) -> None:
     """Set the reward head's scale to the training split's reward mean and std (floored)."""
     reward = train.reward.astype(np.float64)  # a split's steps lie end to end
@@ -323,7 +328,11 @@ def standardize_reward(model: MDNRNN, train: Episodes) -> None:
         return
     mean = float(np.median(reward))
     std = 1.4826 * float(np.median(np.abs(reward - mean)))  # the MAD: robust to rare bonuses
-    if std == 0.0:
+    # A reward that is one value on most steps (CarRacing: -0.2 on every step without a new
+    # tile, float32 round-off apart) has a MAD of ~0 (1e-6 measured): the rare steps would be
+    # millions of units out and the reward Huber would swamp the mixture NLL. Such a reward is
+    # scaled by its standard deviation instead.
+    if std < MIN_MAD_FRACTION * float(reward.std()):
         std = float(reward.std())
     model.reward_mean.fill_(mean)
     model.reward_std.fill_(max(std, 1e-6 * max(abs(mean), 1.0)))
